@@ -1,0 +1,154 @@
+"""Broker URL and transport options: parsing, validation, and password masking."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+SCHEMES = ("postgresql", "postgres", "pg")
+
+# Options that Kombu itself (not this transport) reads from transport_options.
+KOMBU_OPTIONS = frozenset({
+    "body_encoding", "deadletter_queue", "max_retries",
+    "interval_start", "interval_step", "interval_max",
+})
+
+
+class ConfigurationError(ValueError):
+    """A broken broker URL or transport option. The message never contains a password."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Transport options (Celery's ``broker_transport_options``), with their defaults."""
+
+    #: PostgreSQL schema holding the transport's tables, so several apps can share a database.
+    schema: str = "kombu_pg"
+    #: Seconds a delivered message stays invisible to other consumers before it is redelivered.
+    #: Leases of messages a consumer still holds are renewed every third of this.
+    visibility_timeout: float = 30.0
+    #: Seconds between safety-net polls (missed notifications, due ETAs, expired leases).
+    polling_interval: float = 1.0
+    #: Apply pending migrations on first connect (under an advisory lock).
+    auto_migrate: bool = True
+    #: Use LISTEN/NOTIFY wake-ups. False polls only (e.g. behind PgBouncer transaction pooling).
+    listen: bool = True
+    #: A separate URL for the LISTEN connection (e.g. directly to PostgreSQL, bypassing a pooler).
+    listen_url: str | None = None
+    #: Size limit of each process's connection pool.
+    max_connections: int = 4
+    #: Most messages claimed in one statement when the consumer has no prefetch limit.
+    claim_batch: int = 100
+    #: Seconds an auto-delete queue declared without x-expires survives with no consumer.
+    auto_delete_expires: float = 60.0
+    #: Seconds between sweeps of expired queues and messages (one sweeper at a time).
+    sweep_interval: float = 5.0
+    #: Seconds to wait for a connection (pool checkout and connect).
+    connect_timeout: float = 10.0
+
+    @classmethod
+    def from_transport_options(cls, raw: dict) -> "Options":
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for key, value in (raw or {}).items():
+            if key in KOMBU_OPTIONS:
+                continue
+            if key not in fields:
+                raise ConfigurationError(
+                    f"unknown transport option {key!r} for the PostgreSQL transport; "
+                    f"known options: {', '.join(sorted(fields))}")
+            values[key] = _coerce(key, fields[key].type, value)
+        options = cls(**values)
+        if not 0 < len(options.schema.encode()) <= 50:
+            raise ConfigurationError("transport option 'schema' must be 1 to 50 bytes long")
+        if options.visibility_timeout < 1:
+            raise ConfigurationError("transport option 'visibility_timeout' must be >= 1 second")
+        if options.polling_interval <= 0:
+            raise ConfigurationError("transport option 'polling_interval' must be > 0")
+        return options
+
+    @property
+    def notify_channel(self) -> str:
+        return f"kombu_pg.{self.schema}"
+
+
+def _coerce(key, type_name, value):
+    kinds = {"str": str, "float": float, "int": int, "bool": bool,
+             "str | None": str}
+    kind = kinds[type_name]
+    if value is None and type_name.endswith("None"):
+        return None
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        if isinstance(value, bool):
+            return value
+    else:
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            pass
+    raise ConfigurationError(f"transport option {key!r} must be a {type_name}, got {value!r}")
+
+
+_NETLOC_PASSWORD = re.compile(r"(://[^/@:]*:)[^@/]*@")
+
+
+def mask_url(url: str, mask: str = "**") -> str:
+    """The URL with its password (in the user info or a ``password=`` parameter) masked."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, hosts = netloc.rpartition("@")
+            if ":" in userinfo:
+                userinfo = userinfo.split(":", 1)[0] + ":" + mask
+            netloc = f"{userinfo}@{hosts}"
+        query = urlencode([(k, mask if k == "password" else v)
+                           for k, v in parse_qsl(parts.query, keep_blank_values=True)], safe="/*")
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return _NETLOC_PASSWORD.sub(rf"\1{mask}@", url)
+
+
+def scrub(text: str, conninfo: str | None) -> str:
+    """Remove the password of ``conninfo`` from a (libpq) error message."""
+    password = _password_of(conninfo) if conninfo else None
+    text = " ".join(str(text).split())  # one line
+    return text.replace(password, "**") if password else text
+
+
+def _password_of(conninfo: str) -> str | None:
+    try:
+        return conninfo_to_dict(conninfo).get("password")
+    except psycopg.Error:
+        match = re.search(r"://[^/@:]*:([^@/]*)@", conninfo)
+        return match.group(1) if match else None
+
+
+def to_conninfo(url: str) -> str:
+    """A libpq connection URI for a broker URL, validated; query parameters are kept as they are.
+
+    ``pg://`` is ours only; libpq knows ``postgresql://`` and ``postgres://``.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in SCHEMES:
+        raise ConfigurationError(
+            f"invalid PostgreSQL broker URL {mask_url(url)!r}: expected postgresql://, postgres:// or pg://")
+    conninfo = f"postgresql://{rest}"
+    try:
+        conninfo_to_dict(conninfo)
+    except psycopg.Error as exc:
+        raise ConfigurationError(
+            f"invalid PostgreSQL broker URL {mask_url(url)!r}: {scrub(exc, conninfo)}") from None
+    return conninfo
+
+
+def conninfo_from_parts(hostname, port, userid, password, virtual_host) -> str:
+    """For ``Connection(transport=..., hostname=..., userid=...)`` without a URL."""
+    params = {"host": hostname or "localhost", "port": port or None, "user": userid or None,
+              "password": password or None, "dbname": (virtual_host or "").strip("/") or None}
+    return make_conninfo(**{k: v for k, v in params.items() if v is not None})

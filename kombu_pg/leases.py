@@ -1,0 +1,86 @@
+"""The lease keeper: renews the leases of every message this process holds.
+
+A message is held from delivery until it is acked or released, whether it is running,
+prefetched or waiting. A dedicated thread with its own connection renews all leases about every
+third of the visibility timeout, in one statement, so that renewal goes on while the consumer's
+thread is busy (in the solo pool, the task runs inside the event loop).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+import psycopg
+
+logger = logging.getLogger(__name__)
+
+
+class LeaseKeeper:
+    def __init__(self, db):
+        self.db = db
+        self.lease_seconds = db.options.visibility_timeout
+        self._held: dict[int, str] = {}  # message id -> lease token
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self._conn: psycopg.Connection | None = None
+
+    def hold(self, message_id: int, token: str) -> None:
+        with self._lock:
+            self._held[message_id] = token
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kombu_pg-lease-keeper", daemon=True)
+                self._thread.start()
+
+    def forget(self, message_ids) -> None:
+        with self._lock:
+            for message_id in message_ids:
+                self._held.pop(message_id, None)
+
+    def holds(self, message_id: int) -> bool:
+        return message_id in self._held
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wakeup.set()
+
+    def _run(self) -> None:
+        interval = self.lease_seconds / 3
+        while not self._wakeup.wait(interval) and not self._stopped:
+            try:
+                self.renew()
+            except Exception as exc:  # keep renewing: the next round may succeed
+                logger.warning("kombu_pg: lease renewal failed: %s", exc)
+                self._close()
+
+    def renew(self) -> int:
+        with self._lock:
+            held = dict(self._held)
+        if not held:
+            return 0
+        if self._conn is None or self._conn.closed:
+            self._conn = self.db.connect()
+        ids, tokens = list(held), list(held.values())
+        renewed = {row[0] for row in self._conn.execute(
+            self.db.q.renew, {"ids": ids, "tokens": tokens, "lease_seconds": self.lease_seconds})}
+        lost = [i for i in ids if i not in renewed]
+        if lost:
+            with self._lock:
+                # Acked meanwhile, or the lease expired and another consumer has it now.
+                gone = [i for i in lost if self._held.get(i) == held[i]]
+                for i in gone:
+                    del self._held[i]
+            if gone:
+                logger.warning("kombu_pg: lost the lease of %d message(s) (ids %s): "
+                               "they may be delivered again", len(gone), gone[:10])
+        logger.debug("kombu_pg: renewed %d lease(s)", len(renewed))
+        return len(renewed)
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                pass
+            self._conn = None

@@ -1,0 +1,58 @@
+"""The LISTEN connection: wake-ups for consumers.
+
+NOTIFY is only a hint (lost while nobody listens, coalesced per transaction), so consumers also
+poll on a timer; after a reconnect they treat every queue as possibly ready.
+"""
+from __future__ import annotations
+
+import logging
+import select
+
+import psycopg
+from psycopg import sql
+
+logger = logging.getLogger(__name__)
+
+
+class Listener:
+    def __init__(self, db, conninfo: str | None = None):
+        self.db = db
+        self.conninfo = conninfo or db.conninfo
+        self.channel = db.options.notify_channel
+        self.conn: psycopg.Connection | None = None
+
+    def connect(self) -> int:
+        """(Re)connect and LISTEN; returns the socket to watch."""
+        self.close()
+        self.conn = self.db.connect(self.conninfo)
+        self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+        return self.conn.fileno()
+
+    def fileno(self) -> int:
+        return self.conn.fileno()
+
+    def read(self) -> set[str]:
+        """Queue names notified since the last read; never blocks.
+
+        Reads through libpq directly: psycopg's notifies() would take the connection lock and
+        block. Raises psycopg.OperationalError when the connection is gone.
+        """
+        pgconn = self.conn.pgconn
+        pgconn.consume_input()
+        names = set()
+        while (note := pgconn.notifies()) is not None:
+            names.add(note.extra.decode())
+        return names
+
+    def wait(self, timeout: float) -> set[str]:
+        """Block up to ``timeout`` seconds for notifications."""
+        readable, _, _ = select.select([self.conn.fileno()], [], [], max(timeout, 0))
+        return self.read() if readable else set()
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:
+                pass
+            self.conn = None

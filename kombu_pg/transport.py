@@ -1,0 +1,481 @@
+"""Kombu transport keeping messages in PostgreSQL rows with visibility leases.
+
+Publishing inserts a row (one per bound queue) and wakes consumers with NOTIFY. Consuming
+claims ready rows in bulk with ``FOR UPDATE SKIP LOCKED``, leasing each one: the row stays in
+the table, invisible to other consumers, until the consumer acks (deletes) or releases it, or
+the lease expires and the row becomes deliverable again. Exchanges and bindings are rows too,
+so routing works across processes.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import socket
+from queue import Empty
+from time import monotonic, sleep
+
+import psycopg
+from kombu.exceptions import ChannelError
+from kombu.transport import virtual
+from kombu.transport.base import to_rabbitmq_queue_arguments
+from kombu.transport.virtual.exchange import TopicExchange
+from kombu.utils.json import dumps, loads
+from psycopg_pool import PoolTimeout
+
+from . import config, database
+from .listener import Listener
+
+logger = logging.getLogger(__name__)
+
+MAX_PRIORITY = 255
+
+
+def parse_tag(delivery_tag: str) -> tuple[int, str | None]:
+    """Delivery tags are ``<row id>:<lease token>``: acks need no channel state, so they still
+    apply after a reconnect, and only the holder of the lease can settle it."""
+    message_id, _, token = str(delivery_tag).partition(":")
+    return int(message_id), (token if token and token != "-" else None)
+
+
+def _parse_eta(value) -> dt.datetime | None:
+    if not value:
+        return None
+    try:
+        eta = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        logger.warning("kombu_pg: ignoring unparsable eta header %r: message is visible now", value)
+        return None
+    return eta if eta.tzinfo else eta.replace(tzinfo=dt.timezone.utc)
+
+
+class QoS(virtual.QoS):
+    """Prefetch accounting from the base class; settling goes to the database by lease."""
+
+    def append(self, message, delivery_tag):
+        super().append(message, delivery_tag)
+        message_id, token = parse_tag(delivery_tag)
+        self.channel.db.leases.hold(message_id, token)
+
+    def ack(self, delivery_tag):
+        self._settle(delivery_tag, "ack")
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag, requeue=False):
+        # Not the base class: it would publish a copy of the message.
+        if requeue:
+            self._settle(delivery_tag, "release")
+        else:
+            logger.warning("kombu_pg: message %s rejected without requeue: deleted", delivery_tag)
+            self._settle(delivery_tag, "ack")
+        self._quick_ack(delivery_tag)
+
+    def _settle(self, delivery_tag, statement):
+        message_id, token = parse_tag(delivery_tag)
+        db = self.channel.db
+        try:
+            db.run(getattr(db.q, statement), {"ids": [message_id], "tokens": [token]})
+        finally:
+            db.leases.forget([message_id])
+        logger.debug("kombu_pg: %s message %s", statement, message_id)
+
+
+class Channel(virtual.Channel):
+    QoS = QoS
+    supports_fanout = True
+    max_priority = MAX_PRIORITY
+
+    def __init__(self, connection, **kwargs):
+        self.db = connection.db
+        self.options = connection.options
+        self._no_ack_queues: set[str] = set()
+        self._auto_delete_queues: set[str] = set()
+        super().__init__(connection, **kwargs)
+
+    # -- publishing -------------------------------------------------------------------------
+
+    def basic_publish(self, message, exchange, routing_key, **kwargs):
+        self._inplace_augment_message(message, exchange, routing_key)
+        params = self._publish_params(message)
+        if not exchange:  # the default exchange: the routing key names the queue
+            self.db.run(self.db.q.publish_direct, dict(params, queue=routing_key), fetch=True)
+            return
+        queues = self.db.run(self.db.q.publish_routed,
+                             dict(params, exchange=exchange, routing_key=routing_key), fetch=True)
+        if not queues:
+            # As with AMQP, nothing stores it. A direct exchange without a queue is a routing
+            # mistake worth a warning; events and broadcasts nobody listens to are normal.
+            direct = self.state.exchanges.get(exchange, {}).get("type", "direct") == "direct"
+            logger.log(logging.WARNING if direct else logging.DEBUG,
+                       "kombu_pg: message to exchange %r with routing key %r matched no queue: "
+                       "not stored", exchange, routing_key)
+
+    def _publish_params(self, message) -> dict:
+        props = message["properties"]
+        try:
+            priority = min(max(int(props.get("priority") or 0), 0), MAX_PRIORITY)
+        except (TypeError, ValueError):
+            priority = 0
+        expiration = props.get("expiration")
+        return {
+            "priority": priority,
+            # Celery's eta/countdown: the row stays invisible until due, so no worker holds it.
+            "eta": _parse_eta((message.get("headers") or {}).get("eta")),
+            "ttl_ms": float(expiration) if expiration is not None else None,
+            "payload": dumps(message),
+            "channel": self.options.notify_channel,
+        }
+
+    def _put(self, queue, message, **kwargs):
+        self.db.run(self.db.q.publish_direct, dict(self._publish_params(message), queue=queue), fetch=True)
+
+    # -- consuming --------------------------------------------------------------------------
+
+    def claim(self, queue: str, limit: int) -> list[dict]:
+        """Lease up to ``limit`` messages of ``queue`` (take them outright for no-ack consumers)."""
+        no_ack = queue in self._no_ack_queues
+        rows = self.db.run(self.db.q.claim_no_ack if no_ack else self.db.q.claim,
+                           {"queue": queue, "limit": limit,
+                            "lease_seconds": self.options.visibility_timeout}, fetch=True)
+        rows.sort(key=lambda row: (-row[3], row[0]))  # RETURNING has no order
+        return [self._to_payload(queue, *row) for row in rows]
+
+    def _to_payload(self, queue, message_id, token, delivery_count, priority, payload) -> dict:
+        message = loads(payload)
+        props = message["properties"]
+        props["delivery_tag"] = f"{message_id}:{token or '-'}"
+        info = props.setdefault("delivery_info", {})
+        info["redelivered"] = delivery_count > 1
+        # Celery hooks read these from request.properties['delivery_info'].
+        info["kombu_pg"] = {"id": message_id, "queue": queue, "delivery_count": delivery_count}
+        if delivery_count > 1:
+            logger.info("kombu_pg: redelivering message %s of queue %r (delivery %d)",
+                        message_id, queue, delivery_count)
+        return message
+
+    def _get(self, queue, timeout=None):
+        messages = self.claim(queue, 1)
+        if not messages:
+            raise Empty()
+        return messages[0]
+
+    def basic_get(self, queue, no_ack=False, **kwargs):
+        if not no_ack:
+            return super().basic_get(queue, no_ack=False, **kwargs)
+        self._no_ack_queues.add(queue)
+        try:
+            return super().basic_get(queue, no_ack=True, **kwargs)
+        finally:
+            if queue not in self._active_queues:
+                self._no_ack_queues.discard(queue)
+
+    def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
+        if no_ack:
+            self._no_ack_queues.add(queue)
+        super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        self.connection.wake([queue])  # messages may be waiting already
+
+    def basic_cancel(self, consumer_tag):
+        queue = self._tag_to_queue.get(consumer_tag)
+        super().basic_cancel(consumer_tag)
+        if queue and queue not in self._active_queues:
+            self._no_ack_queues.discard(queue)
+            if queue in self._auto_delete_queues:  # as RabbitMQ: the last consumer took it along
+                self.queue_delete(queue)
+
+    def _restore(self, message):
+        """Give an unacked message back (channel closed, recover): release its lease, in place.
+
+        A message whose task is still running keeps its lease (and its renewal): the connection
+        was lost under a running task, which will still ack it after the reconnect.
+        """
+        message_id, token = parse_tag(message.delivery_tag)
+        probe = Transport.in_progress
+        if probe is not None and probe(message.delivery_tag):
+            logger.info("kombu_pg: message %s is still being processed: keeping its lease", message_id)
+            return
+        try:
+            self.db.run(self.db.q.release, {"ids": [message_id], "tokens": [token]})
+            logger.debug("kombu_pg: released message %s", message_id)
+        except database.CONNECTION_ERRORS as exc:
+            logger.warning("kombu_pg: could not release message %s (%s): it is redelivered when "
+                           "its lease expires", message_id, exc)
+        finally:
+            self.db.leases.forget([message_id])
+
+    def _restore_at_beginning(self, message):
+        return self._restore(message)
+
+    # -- queues -----------------------------------------------------------------------------
+
+    def prepare_queue_arguments(self, arguments, **kwargs):
+        # Keep expires/message_ttl as x-expires/x-message-ttl: the base class drops them, and
+        # the queues of dead workers and exited event receivers would then live forever.
+        return to_rabbitmq_queue_arguments(arguments, **kwargs)
+
+    def _new_queue(self, queue, durable=True, auto_delete=False, arguments=None, **kwargs):
+        arguments = arguments or {}
+        self.db.run(self.db.q.declare_queue, {
+            "queue": queue, "durable": bool(durable), "auto_delete": bool(auto_delete),
+            "expires_ms": arguments.get("x-expires"), "message_ttl_ms": arguments.get("x-message-ttl"),
+        })
+        if auto_delete:
+            self._auto_delete_queues.add(queue)
+
+    def _has_queue(self, queue, **kwargs):
+        return self.db.run(self.db.q.has_queue, {"queue": queue}, fetch=True)[0][0]
+
+    def _size(self, queue):
+        return self.db.run(self.db.q.size, {"queue": queue}, fetch=True)[0][0]
+
+    def _purge(self, queue):
+        return self.db.run(self.db.q.purge, {"queue": queue})
+
+    def _delete(self, queue, *args, **kwargs):
+        self.db.run(self.db.q.delete_queue, {"queue": queue})
+
+    def queue_delete(self, queue, if_unused=False, if_empty=False, **kwargs):
+        if if_empty and self._size(queue):
+            return
+        self._delete(queue)
+        self.state.queue_bindings_delete(queue)
+        self._auto_delete_queues.discard(queue)
+
+    # -- exchanges and bindings -------------------------------------------------------------
+
+    def exchange_declare(self, exchange=None, type="direct", durable=False, auto_delete=False,
+                         arguments=None, nowait=False, passive=False):
+        type = type or "direct"
+        exchange = exchange or f"amq.{type}"
+        if passive:
+            if self._stored_exchange_type(exchange) is None:
+                raise ChannelError(f"NOT_FOUND - no exchange {exchange!r}", (50, 10),
+                                   "Channel.exchange_declare", "404")
+            return
+        if type not in self.exchange_types:
+            raise NotImplementedError(f"kombu_pg supports direct, topic and fanout exchanges, not {type!r}")
+        super().exchange_declare(exchange, type, durable, auto_delete, arguments, nowait)
+        self.db.run(self.db.q.declare_exchange, {"exchange": exchange, "type": type,
+                                                 "durable": bool(durable), "auto_delete": bool(auto_delete)})
+
+    def exchange_delete(self, exchange, if_unused=False, nowait=False):
+        self.db.run(self.db.q.delete_exchange, {"exchange": exchange})
+        self.state.exchanges.pop(exchange, None)
+
+    def _stored_exchange_type(self, exchange) -> str | None:
+        rows = self.db.run(self.db.q.exchange_type, {"exchange": exchange}, fetch=True)
+        return rows[0][0] if rows else None
+
+    def typeof(self, exchange, default="direct"):
+        local = self.state.exchanges.get(exchange)
+        type = local["type"] if local else (self._stored_exchange_type(exchange) or default)
+        return self.exchange_types[type]
+
+    def queue_bind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):
+        exchange = exchange or "amq.direct"
+        exchange_type = self.typeof(exchange).type
+        if exchange not in self.state.exchanges:
+            # Bound without a declare in this process: make sure routing knows its type.
+            self.db.run(self.db.q.declare_exchange, {"exchange": exchange, "type": exchange_type,
+                                                     "durable": True, "auto_delete": False})
+        pattern = TopicExchange(self).key_to_pattern(routing_key) if exchange_type == "topic" else ""
+        self.db.run(self.db.q.bind, {"exchange": exchange, "routing_key": routing_key or "",
+                                     "pattern": pattern, "queue": queue})
+        self.state.binding_declare(queue, exchange, routing_key, arguments)
+
+    def queue_unbind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):
+        self.db.run(self.db.q.unbind, {"exchange": exchange or "amq.direct",
+                                       "routing_key": routing_key or "", "queue": queue})
+        self.state.binding_delete(queue, exchange, routing_key)
+
+    def get_table(self, exchange):
+        return [tuple(row) for row in
+                self.db.run(self.db.q.bindings_of_exchange, {"exchange": exchange}, fetch=True)]
+
+
+class Transport(virtual.Transport):
+    Channel = Channel
+
+    can_parse_url = True  # libpq query parameters (?sslmode=...) must reach libpq intact
+    default_port = 5432
+    driver_type = "postgresql"  # not 'sql': Celery turns events off for 'sql' transports
+    driver_name = "psycopg"
+
+    implements = virtual.Transport.implements.extend(
+        asynchronous=True,
+        exchange_type=frozenset(["direct", "topic", "fanout"]),
+        heartbeats=False,
+    )
+    connection_errors = virtual.Transport.connection_errors + (
+        psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+
+    #: Set by the Celery integration: ``in_progress(delivery_tag)`` tells whether the task of a
+    #: delivery is still running, so that closing a lost connection does not release its lease.
+    in_progress = None
+
+    def __init__(self, client, **kwargs):
+        self.options = config.Options.from_transport_options(client.transport_options)
+        super().__init__(client, **kwargs)
+        self.polling_interval = self.options.polling_interval
+        hostname = client.hostname or ""
+        if "://" in hostname:
+            conninfo = config.to_conninfo(hostname)
+        else:
+            conninfo = config.conninfo_from_parts(hostname, client.port, client.userid,
+                                                  client.password, client.virtual_host)
+        self.db = database.get(conninfo, self.options, config.mask_url(conninfo))
+        self._listen_conninfo = config.to_conninfo(self.options.listen_url) if self.options.listen_url else None
+        self._listener: Listener | None = None
+        self._ready: set[str] = set()  # queues that may have deliverable messages
+        self._hub = None
+        self._timer = None
+        self._next_poll = self._next_touch = self._next_sweep = 0.0
+
+    def driver_version(self):
+        return psycopg.__version__
+
+    def as_uri(self, uri: str, include_password=False, mask="**") -> str:
+        return uri if include_password else config.mask_url(uri, mask)
+
+    def establish_connection(self):
+        self.db.ensure_ready()
+        return super().establish_connection()
+
+    def close_connection(self, connection):
+        try:
+            super().close_connection(connection)
+        finally:
+            self._unregister()
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+
+    # -- wake-ups ---------------------------------------------------------------------------
+
+    def consumed_queues(self) -> set[str]:
+        return {queue for channel in self.channels for queue in channel._active_queues}
+
+    def wake(self, queues) -> None:
+        self._ready.update(queues)
+
+    def _read_notifications(self, wait: float | None = None) -> None:
+        if self._listener is None:
+            if wait:
+                sleep(wait)
+            return
+        try:
+            names = self._listener.read() if wait is None else self._listener.wait(wait)
+        except psycopg.OperationalError as exc:
+            logger.warning("kombu_pg: LISTEN connection lost (%s): reconnecting", exc)
+            self._reconnect_listener()
+            names = self.consumed_queues()  # anything may have been missed meanwhile
+        self._ready |= names & self.consumed_queues()
+
+    def _reconnect_listener(self) -> None:
+        if self._hub is not None and self._listener is not None and self._listener.conn is not None:
+            self._hub.remove_reader(self._listener.fileno())
+        self._listener = self._listener or Listener(self.db, self._listen_conninfo)
+        fd = self._listener.connect()  # raises a connection error: the consumer reconnects
+        if self._hub is not None:
+            self._hub.add_reader(fd, self._on_readable)
+        self._ready |= self.consumed_queues()
+
+    def _housekeeping(self) -> None:
+        """Safety-net poll, keep-alive of consumed queues, and the expiry sweep."""
+        now = monotonic()
+        consumed = self.consumed_queues()
+        if not consumed:
+            return
+        if now >= self._next_poll:
+            self._ready |= consumed
+            self._next_poll = now + self.options.polling_interval
+        if now >= self._next_touch:
+            self.db.run(self.db.q.touch_queues, {"queues": sorted(consumed)})
+            self._next_touch = now + 1.0
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.options.sweep_interval
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Drop expired queues (x-expires) and messages (TTL); one sweeper at a time."""
+        q = self.db.q
+        with self.db.pool.connection() as conn, conn.transaction():
+            if not conn.execute(q.sweep_try_lock, {"lock_key": hash_key(self.options.schema)}).fetchone()[0]:
+                return
+            queues_gone = conn.execute(q.sweep_expired_queues, {
+                "auto_delete_expires_s": self.options.auto_delete_expires}).rowcount
+            expired = conn.execute(q.sweep_expired_messages).rowcount
+        if queues_gone or expired:
+            logger.info("kombu_pg: sweep removed %d message(s) of expired queues and %d expired "
+                        "message(s)", queues_gone, expired)
+
+    def deliver_ready(self) -> int:
+        """Claim and deliver messages of the queues marked ready, within prefetch limits."""
+        delivered = 0
+        for channel in list(self.channels):
+            for queue in list(channel._active_queues):
+                if queue not in self._ready:
+                    continue
+                if not channel.qos.can_consume():
+                    break
+                limit = channel.qos.can_consume_max_estimate()
+                limit = self.options.claim_batch if limit is None else min(limit, self.options.claim_batch)
+                messages = channel.claim(queue, limit)
+                if len(messages) < limit:
+                    self._ready.discard(queue)  # drained: wait for a wake-up or the next poll
+                for message in messages:
+                    self._deliver(message, queue)
+                delivered += len(messages)
+        return delivered
+
+    # -- the worker's event loop ------------------------------------------------------------
+
+    def register_with_event_loop(self, connection, loop):
+        self._hub = loop
+        if self.options.listen:
+            self._reconnect_listener()
+        loop.on_tick.add(self._on_tick)
+        self._timer = loop.call_repeatedly(min(self.options.polling_interval, 1.0), self._housekeeping)
+
+    def _on_readable(self):
+        self._read_notifications()
+
+    def _on_tick(self):
+        if self._ready:
+            self.deliver_ready()
+
+    def _unregister(self):
+        hub, self._hub = self._hub, None
+        if hub is None:
+            return
+        hub.on_tick.discard(self._on_tick)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._listener is not None and self._listener.conn is not None:
+            try:
+                hub.remove_reader(self._listener.fileno())
+            except Exception:
+                pass
+
+    # -- synchronous consumers (plain Kombu, gevent/eventlet pools, celery inspect) ---------
+
+    def drain_events(self, connection, timeout=None):
+        deadline = None if timeout is None else monotonic() + timeout
+        if self.options.listen and self._listener is None:
+            self._reconnect_listener()
+        while True:
+            self._housekeeping()
+            if self._ready and self.deliver_ready():
+                return
+            now = monotonic()
+            if deadline is not None and now >= deadline:
+                raise socket.timeout()
+            wait = max(self._next_poll - now, 0.001) if self.consumed_queues() else self.polling_interval
+            if deadline is not None:
+                wait = min(wait, deadline - now)
+            self._read_notifications(wait)
+
+
+def hash_key(text: str) -> int:
+    """A stable signed 64-bit advisory lock key for ``text``."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big", signed=True)

@@ -1,0 +1,177 @@
+"""Kombu-level semantics: priority, expiration, counts, purge, delete, reject/requeue."""
+from __future__ import annotations
+
+import time
+from queue import Empty
+
+import pytest
+from kombu import Consumer, Exchange, Producer, Queue
+
+from conftest import wait_for
+
+
+def declare(conn, name: str, **kwargs) -> Queue:
+    queue = Queue(name, Exchange(name, "direct"), routing_key=name, **kwargs)
+    queue(conn.default_channel).declare()
+    return queue
+
+
+def publish(conn, queue: Queue, body, **kwargs) -> None:
+    Producer(conn.default_channel).publish(body, exchange=queue.exchange, routing_key=queue.routing_key,
+                                           serializer="json", **kwargs)
+
+
+def take(conn, queue: Queue, count: int, timeout: float = 10.0, prefetch: int | None = None) -> list:
+    """Receive ``count`` messages on a consumer without acking them (they stay leased)."""
+    received = []
+    consumer = Consumer(conn.default_channel, queues=[queue], accept=["json"],
+                        callbacks=[lambda body, message: received.append(message)],
+                        prefetch_count=prefetch)
+    consumer.consume()
+    deadline = time.monotonic() + timeout
+    while len(received) < count and time.monotonic() < deadline:
+        try:
+            conn.drain_events(timeout=0.5)
+        except TimeoutError:
+            pass
+    consumer.cancel()
+    assert len(received) >= count, f"received {len(received)} of {count} messages"
+    return received
+
+
+def ready_count(conn, queue: Queue) -> int:
+    return conn.default_channel.queue_declare(queue=queue.name, passive=True).message_count
+
+
+def test_priority_higher_first(env, kombu_conn):
+    conn = kombu_conn()
+    queue = declare(conn, "prio")
+    for priority in (1, 9, 0, 5, 9, 3):
+        publish(conn, queue, {"p": priority}, priority=priority)
+    simple = conn.SimpleQueue(queue)
+    order = []
+    for _ in range(6):
+        message = simple.get(timeout=5)
+        order.append(message.payload["p"])
+        message.ack()
+    assert order == [9, 9, 5, 3, 1, 0]
+    assert env.message_count("prio") == 0
+
+
+def test_message_expiration(env, kombu_conn):
+    conn = kombu_conn()
+    queue = declare(conn, "ttl")
+    publish(conn, queue, "short", expiration=0.5)
+    publish(conn, queue, "long")
+    publish(conn, queue, "longer", expiration=60)
+    time.sleep(1.0)  # the condition under test is the passing of time
+    simple = conn.SimpleQueue(queue)
+    got = []
+    for _ in range(2):
+        message = simple.get(timeout=5)
+        got.append(message.payload)
+        message.ack()
+    assert sorted(got) == ["long", "longer"]
+    with pytest.raises(Empty):
+        simple.get(timeout=0.5)
+
+
+def test_queue_declare_counts_ready_messages(env, kombu_conn):
+    conn = kombu_conn()
+    queue = declare(conn, "counts")
+    assert ready_count(conn, queue) == 0
+    for i in range(5):
+        publish(conn, queue, i)
+    assert ready_count(conn, queue) == 5
+    other = kombu_conn()
+    held = take(other, queue, 2, prefetch=2)
+    # Like AMQP's message_count: leased (unacked) messages are not counted.
+    assert ready_count(conn, queue) == 3
+    assert env.message_count("counts") == 5
+    for message in held:
+        message.ack()
+    assert ready_count(conn, queue) == 3
+    assert env.message_count("counts") == 3
+
+
+def test_purge_removes_ready_only(env, kombu_conn):
+    conn = kombu_conn()
+    queue = declare(conn, "purgeq")
+    for i in range(6):
+        publish(conn, queue, i)
+    other = kombu_conn()
+    held = take(other, queue, 2, prefetch=2)
+    purged = queue(conn.default_channel).purge()
+    assert purged == 4
+    rows = env.messages("purgeq")
+    assert len(rows) == 2
+    assert all(row["lease_token"] is not None for row in rows)
+    # The leased ones are still the consumer's to settle.
+    for message in held:
+        message.ack()
+    assert env.message_count("purgeq") == 0
+
+
+def test_queue_delete(env, kombu_conn):
+    conn = kombu_conn()
+    queue = declare(conn, "gone")
+    for i in range(3):
+        publish(conn, queue, i)
+    assert "gone" in env.queue_names()
+    queue(conn.default_channel).delete()
+    assert "gone" not in env.queue_names()
+    assert env.message_count("gone") == 0
+    # The binding went with the queue: a new publish is not stored for it.
+    publish(conn, queue, "late")
+    assert env.message_count("gone") == 0
+    with pytest.raises(Exception):
+        conn.default_channel.queue_declare(queue="gone", passive=True)
+
+
+def test_reject_requeue_releases_same_row(env, kombu_conn):
+    conn = kombu_conn()
+    queue = declare(conn, "requeue")
+    publish(conn, queue, "once")
+    [before] = env.messages("requeue")
+    simple = conn.SimpleQueue(queue)
+    message = simple.get(timeout=5)
+    assert message.delivery_info.get("redelivered") is False
+    [leased] = env.messages("requeue")
+    assert leased["id"] == before["id"] and leased["lease_token"] is not None and leased["invisible"]
+    message.reject(requeue=True)
+    rows = env.messages("requeue")
+    assert len(rows) == 1, rows
+    assert rows[0]["id"] == before["id"]
+    assert rows[0]["lease_token"] is None and not rows[0]["invisible"]
+    again = simple.get(timeout=5)  # at once, not after the visibility timeout
+    assert again.payload == "once"
+    assert again.delivery_info.get("redelivered") is True
+    again.ack()
+    assert env.message_count("requeue") == 0
+    with pytest.raises(Empty):
+        simple.get(timeout=0.3)
+
+
+def test_reject_without_requeue_deletes(env, kombu_conn):
+    conn = kombu_conn()
+    queue = declare(conn, "dead")
+    publish(conn, queue, "x")
+    simple = conn.SimpleQueue(queue)
+    simple.get(timeout=5).reject()
+    assert env.message_count("dead") == 0
+
+
+def test_unacked_message_redelivered_after_visibility_timeout(env, kombu_conn):
+    conn = kombu_conn(visibility_timeout=1)
+    queue = declare(conn, "vt")
+    publish(conn, queue, "lease")
+    first = kombu_conn(visibility_timeout=1)
+    take(first, queue, 1, prefetch=1)
+    first.release()  # closing gives the message back (no copy), or its lease expires
+    second = kombu_conn(visibility_timeout=1)
+    simple = second.SimpleQueue(queue)
+    message = simple.get(timeout=10)
+    assert message.payload == "lease"
+    assert message.delivery_info.get("redelivered") is True
+    message.ack()
+    wait_for(lambda: env.message_count("vt") == 0, 5, what="the ack to delete the row")
