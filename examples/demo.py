@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from kombu.utils.url import maybe_sanitize_url
+
 HERE = Path(__file__).resolve().parent
 TIME_LIMIT = 45.0  # seconds for all the steps; a healthy run takes about 15
 STOP_TIMEOUT = 10.0  # seconds a child gets to shut down before it is killed
@@ -82,7 +84,7 @@ class Children:
             print("\n".join(text[-lines:]), file=sys.stderr)
 
 
-def run_steps(url: str, children: Children) -> None:
+def run_steps(libpq_url: str, children: Children, first_result_id: int) -> None:
     # Imported here: app.py reads KOMBU_PG_URL at import time.
     from celery import chain, chord, group
     from celery.exceptions import TimeoutError as ResultTimeout
@@ -148,26 +150,36 @@ def run_steps(url: str, children: Children) -> None:
     show("slow.delay(3)", wait(running))
 
     # Beat sends app.tick every second; count the runs recorded by the result backend.
-    libpq_url = "postgresql://" + url.split("://", 1)[1]
     ticks = 0
     while ticks < 3:
         children.check_running()
         remaining()
-        ticks = count_ticks(libpq_url)
+        ticks = count_ticks(libpq_url, first_result_id)
         if ticks < 3:
             time.sleep(0.5)
     print(f"Beat: {ticks} ticks of app.tick ran so far (one a second)", flush=True)
 
 
-def count_ticks(libpq_url: str) -> int:
+def last_result_id(libpq_url: str) -> int:
+    """The newest row of the result backend's table, so that runs of earlier demos against
+    the same database are not counted."""
     import psycopg
 
     with psycopg.connect(libpq_url, connect_timeout=5) as conn:
-        exists = conn.execute("SELECT to_regclass('celery_taskmeta') IS NOT NULL").fetchone()[0]
-        if not exists:  # the backend creates its tables when it stores the first result
+        if not conn.execute("SELECT to_regclass('celery_taskmeta') IS NOT NULL").fetchone()[0]:
+            return 0  # the backend creates its tables when it stores the first result
+        return conn.execute("SELECT coalesce(max(id), 0) FROM celery_taskmeta").fetchone()[0]
+
+
+def count_ticks(libpq_url: str, after_id: int) -> int:
+    import psycopg
+
+    with psycopg.connect(libpq_url, connect_timeout=5) as conn:
+        if not conn.execute("SELECT to_regclass('celery_taskmeta') IS NOT NULL").fetchone()[0]:
             return 0
         return conn.execute(
-            "SELECT count(*) FROM celery_taskmeta WHERE name = 'app.tick' AND status = 'SUCCESS'"
+            "SELECT count(*) FROM celery_taskmeta"
+            " WHERE id > %s AND name = 'app.tick' AND status = 'SUCCESS'", (after_id,)
         ).fetchone()[0]
 
 
@@ -185,7 +197,7 @@ def main() -> int:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kombu-pg-demo-")))
             url = os.environ.get("KOMBU_PG_URL")
             if url:
-                print(f"Broker: {url} (from KOMBU_PG_URL)", flush=True)
+                print(f"Broker: {maybe_sanitize_url(url)} (from KOMBU_PG_URL)", flush=True)
             else:
                 from kombu_pg import embedded
 
@@ -193,6 +205,8 @@ def main() -> int:
                 url = stack.enter_context(embedded.start()).url
                 print(f"Broker: {url}", flush=True)
             os.environ["KOMBU_PG_URL"] = url  # for app.py, here and in the children
+            libpq_url = "postgresql://" + url.split("://", 1)[1]  # libpq knows no pg://
+            first_result_id = last_result_id(libpq_url)
 
             children = Children(tmp)
             stack.callback(children.stop)
@@ -203,8 +217,8 @@ def main() -> int:
             print(f"Started celery worker (pid {worker.pid}) and celery beat (pid {beat.pid})",
                   flush=True)
 
-            run_steps(url, children)
-            print("Stopping the worker, beat and the server ...", flush=True)
+            run_steps(libpq_url, children, first_result_id)
+            print("Stopping everything the demo started ...", flush=True)
             code = 0
         except KeyboardInterrupt:
             print("\nInterrupted; stopping everything that was started ...", file=sys.stderr)

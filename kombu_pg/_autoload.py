@@ -47,11 +47,13 @@ class _AfterImport:
         return spec
 
 
-def install() -> None:
-    if "kombu.transport" in sys.modules:
-        register(sys.modules["kombu.transport"])
-    elif not any(isinstance(f, _AfterImport) and f.target == "kombu.transport" for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport("kombu.transport", register))
+def after_import(target: str, callback) -> None:
+    """Call ``callback(module)`` once ``target`` is imported (now, if it already is)."""
+    if target in sys.modules:
+        callback(sys.modules[target])
+    elif not any(getattr(f, "target", None) == target and getattr(f, "callback", None) is callback
+                 for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(target, callback))
 
 
-install()
+after_import("kombu.transport", register)

@@ -77,20 +77,22 @@ class Database:
     def run(self, query: str, params: Any = None, *, fetch: bool = False):
         """Execute one statement on a pooled connection: rows if ``fetch``, else the row count.
 
-        A statement that fails because its connection broke is retried once on a fresh one: all
+        A statement that fails because its connection broke is retried on a fresh one: all
         our statements are safe to repeat (acks, releases and renewals match a lease token; a
         repeated publish is at worst a duplicate, which at-least-once delivery allows).
         """
-        for attempt in (1, 2):
+        # After a server restart every pooled connection is dead: allow one try per connection.
+        attempts = self.options.max_connections + 1
+        for attempt in range(1, attempts + 1):
             try:
                 with self.pool.connection() as conn:
                     cur = conn.execute(query, params)
                     return cur.fetchall() if fetch else cur.rowcount
             except CONNECTION_ERRORS as exc:
-                if attempt == 2 or isinstance(exc, PoolTimeout):
+                if attempt == attempts or isinstance(exc, PoolTimeout):
                     raise psycopg.OperationalError(
                         f"database {self.description} unavailable: {scrub(exc, self.conninfo)}") from None
-                logger.warning("kombu_pg: connection lost (%s), retrying once", scrub(exc, self.conninfo))
+                logger.warning("kombu_pg: connection lost (%s), retrying", scrub(exc, self.conninfo))
 
     def close(self) -> None:
         self.leases.stop()

@@ -361,13 +361,16 @@ def make_app(env, tmp_path):
     sys.path.insert(0, str(tmp_path))
 
     def make(visibility_timeout: float | None = None, url_params: dict | None = None,
-             conf: dict | None = None, transport_options: dict | None = None) -> AppHandle:
+             conf: dict | None = None, transport_options: dict | None = None,
+             broker_url: str | None = None) -> AppHandle:
         name = unique("kpapp_")
         options = dict(env.transport_options)
         if visibility_timeout is not None:
             options["visibility_timeout"] = visibility_timeout
         options.update(transport_options or {})
-        broker_url = with_query(env.url, **url_params) if url_params else env.url
+        broker_url = broker_url or env.url
+        if url_params:
+            broker_url = with_query(broker_url, **url_params)
         source = APP_TEMPLATE.format(
             name=name, db_url=env.url, broker_url=broker_url,
             result_backend=sqlalchemy_url(env.url), transport_options=options,

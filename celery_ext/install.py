@@ -1,0 +1,64 @@
+"""What the integration does to a Celery app whose broker is this transport."""
+from __future__ import annotations
+
+import logging
+
+from celery import signals
+
+from kombu_pg.config import SCHEMES
+from kombu_pg.transport import Transport
+
+logger = logging.getLogger("kombu_pg")
+
+TRANSPORT_PATHS = {"kombu_pg.transport:Transport", "kombu_pg.transport.Transport"}
+
+#: Settings we turn on unless the user set them: redelivery of killed workers' tasks needs
+#: late acks, and a killed child must not ack (the delivery cap stops poison loops).
+DEFAULTS = {"task_acks_late": True, "task_reject_on_worker_lost": True}
+
+
+def uses_pg_broker(app) -> bool:
+    transport = app.conf.broker_transport
+    if isinstance(transport, str) and transport in TRANSPORT_PATHS or transport is Transport:
+        return True
+    url = app.conf.broker_url or ""
+    if not isinstance(url, str):
+        return False
+    scheme = url.split(";", 1)[0].partition("://")[0].lower()
+    return scheme in SCHEMES
+
+
+def install(app) -> dict:
+    """Returns the defaults for ``app``: ours if its broker is this transport, else none."""
+    if not uses_pg_broker(app):
+        return {}
+    Transport.in_progress = _in_progress
+    signals.worker_init.connect(_announce, weak=False, dispatch_uid="kombu_pg.announce")
+    app._kombu_pg_installed = True
+    # Added as a defaults layer in front of Celery's own, so keys the user set anywhere (conf,
+    # a config module) are left alone, now and if they change later.
+    return {key: value for key, value in DEFAULTS.items() if not _explicitly_set(app, key)}
+
+
+def _explicitly_set(app, key: str) -> bool:
+    # conf is a chain of maps whose last one holds Celery's defaults.
+    return any(key in layer for layer in app.conf.maps[:-1])
+
+
+def _announce(sender=None, **kwargs):
+    app = getattr(sender, "app", None)
+    if app is None or not getattr(app, "_kombu_pg_installed", False):
+        return
+    settings = ", ".join(f"{key}={app.conf[key]}" for key in DEFAULTS)
+    logger.warning("kombu-pg: PostgreSQL broker integration active: %s", settings)
+
+
+def _in_progress(delivery_tag) -> bool:
+    """Whether a task of this delivery is running in this worker (see Transport.in_progress)."""
+    from celery.worker import state
+
+    for request in list(state.active_requests):
+        message = getattr(request, "message", None)
+        if message is not None and message.delivery_tag == delivery_tag:
+            return True
+    return False

@@ -1,0 +1,60 @@
+"""Remote control (broadcast + replies across processes) and monitoring events."""
+from __future__ import annotations
+
+import time
+
+from conftest import HOST
+
+
+def test_inspect_ping_and_shutdown_one_worker(make_app, procs, env):
+    app = make_app()
+    w1 = procs.worker(app, name="w1", pool="solo", concurrency=1)
+    w2 = procs.worker(app, name="w2", pool="solo", concurrency=1)
+
+    ping = procs.celery(app, "inspect", "ping", "--timeout", "5")
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+    assert f"w1@{HOST}" in ping.stdout and f"w2@{HOST}" in ping.stdout, ping.stdout
+    assert ping.stdout.count("pong") == 2, ping.stdout
+
+    shutdown = procs.celery(app, "control", "shutdown", "-d", w2.hostname, "--timeout", "5")
+    assert shutdown.returncode == 0, shutdown.stdout + shutdown.stderr
+    w2.wait_exit(30)
+    assert w1.alive()
+
+    ping = procs.celery(app, "inspect", "ping", "--timeout", "3")
+    assert f"w1@{HOST}" in ping.stdout and f"w2@{HOST}" not in ping.stdout, ping.stdout
+    # The survivor still works.
+    assert app.add.delay(20, 22).get(timeout=30) == 42
+
+
+def test_events_receiver_sees_heartbeat_and_task_succeeded(make_app, procs, env):
+    app = make_app()
+    procs.worker(app, name="w1", pool="solo", concurrency=1, extra_args=("-E",))
+    seen: dict[str, list] = {}
+    sent: list = []
+    deadline = time.monotonic() + 40
+
+    def on_event(event):
+        seen.setdefault(event["type"], []).append(event)
+        if not sent and event["type"] == "worker-heartbeat":
+            # Our queue exists (we got an event): now run a task and wait for its events.
+            sent.append(app.add.delay(1, 1))
+
+    def done() -> bool:
+        return bool(sent) and any(e.get("uuid") == sent[0].id for e in seen.get("task-succeeded", []))
+
+    with app.app.connection_for_read() as conn:
+        receiver = app.app.events.Receiver(conn, handlers={"*": on_event})
+
+        def on_iteration():
+            if done() or time.monotonic() > deadline:
+                receiver.should_stop = True
+
+        receiver.on_iteration = on_iteration
+        receiver.capture(limit=None, timeout=30, wakeup=False)
+
+    assert seen.get("worker-heartbeat"), sorted(seen)
+    assert any(e["hostname"] == f"w1@{HOST}" for e in seen["worker-heartbeat"])
+    assert done(), f"no task-succeeded event for the task; saw {sorted(seen)}"
+    [succeeded] = [e for e in seen["task-succeeded"] if e["uuid"] == sent[0].id]
+    assert succeeded["result"] == "2"

@@ -1,0 +1,176 @@
+"""Broker URLs, transport options, error messages and the ``kombu-pg migrate`` command."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import kombu
+import psycopg
+import psycopg.sql
+import pytest
+
+from conftest import console_script, unique, wait_for, with_query
+
+BROKER_TABLES = ("messages", "queues", "bindings", "exchanges")
+
+
+def one_line(text: str) -> str:
+    text = text.strip()
+    assert text, "empty error message"
+    assert "\n" not in text, f"error message is not one line:\n{text}"
+    return text
+
+
+def connect_error(url: str, **transport_options) -> str:
+    """The message of the error a Kombu user gets when connecting."""
+    conn = kombu.Connection(url, transport_options=transport_options, connect_timeout=10)
+    try:
+        with pytest.raises(Exception) as info:
+            conn.connect()
+    finally:
+        conn.release()
+    print(f"{type(info.value).__name__}: {info.value}")  # shown with -rA / on failure
+    return one_line(str(info.value))
+
+
+# --- kombu-pg migrate ----------------------------------------------------------------------
+
+def test_migrate_cli_is_idempotent(env, procs):
+    kombu_pg = console_script("kombu-pg")
+    schema = env.broker_schema
+    assert not env.broker_ready()
+    first = procs.run([kombu_pg, "migrate", "--url", env.url, "--schema", schema])
+    assert first.returncode == 0, first.stderr
+    for table in BROKER_TABLES:
+        assert env.db.table_exists(schema, table), table
+    second = procs.run([kombu_pg, "migrate", "--url", env.url, "--schema", schema])
+    assert second.returncode == 0, second.stderr
+    assert "up to date" in second.stdout
+    # The migrated schema works for a broker with auto_migrate off.
+    with kombu.Connection(env.url, transport_options={"schema": schema, "auto_migrate": False}) as conn:
+        simple = conn.SimpleQueue("after_migrate")
+        simple.put("ok")
+        message = simple.get(timeout=5)
+        assert message.payload == "ok"
+        message.ack()
+
+
+def test_no_auto_migrate_on_empty_schema_names_the_fix(env):
+    message = connect_error(env.url, schema=env.broker_schema, auto_migrate=False)
+    assert "kombu-pg migrate" in message
+    assert not env.broker_ready()
+
+
+# --- URLs -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres", "pg"])
+def test_url_schemes(env, scheme):
+    _, _, rest = env.url.partition("://")
+    with kombu.Connection(f"{scheme}://{rest}", transport_options=env.transport_options) as conn:
+        simple = conn.SimpleQueue(f"scheme_{scheme}")
+        simple.put(scheme)
+        message = simple.get(timeout=5)
+        assert message.payload == scheme
+        message.ack()
+
+
+def test_url_query_parameters_reach_libpq(env):
+    name = unique("kp_app_")
+    url = with_query(env.url, sslmode="disable", application_name=name)
+    with kombu.Connection(url, transport_options=env.transport_options) as conn:
+        simple = conn.SimpleQueue("appname")
+        simple.put("x")
+        message = simple.get(timeout=5)
+        message.ack()
+        seen = env.db.scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (name,))
+        assert seen >= 1
+        ssl = env.db.query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = %s",
+            (name,))
+        assert ssl and not any(row[0] for row in ssl)
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ("postgresql://kp_user:{secret}@127.0.0.1:5432/test?nosuchparameter=1", "nosuchparameter"),
+    ("postgresql://kp_user:{secret}@127.0.0.1:notaport/test", "notaport"),
+    ("postgresql://kp_user:{secret}@127.0.0.1:5432/test?sslmode=sometimes", "sometimes"),
+], ids=["unknown-parameter", "bad-port", "bad-sslmode"])
+def test_malformed_url_gives_one_line_error_without_password(env, bad, problem):
+    secret = "Sup3rSecretPw"
+    message = connect_error(bad.format(secret=secret), schema=env.broker_schema)
+    assert secret not in message
+    assert problem in message
+
+
+def test_unknown_transport_option_is_rejected(env):
+    message = connect_error(env.url, schema=env.broker_schema, visibilty_timeout=5)  # sic: a typo
+    assert "visibilty_timeout" in message
+    assert "unknown" in message.lower()
+
+
+def test_unreachable_server_gives_one_line_error_without_password(env):
+    secret = "An0therSecret"
+    # A Unix socket directory with no server: fails at once, no network involved.
+    url = f"postgresql://kp_user:{secret}@/test?host=/nonexistent-kp-socket-dir"
+    message = connect_error(url, schema=env.broker_schema)
+    assert secret not in message
+    assert "nonexistent-kp-socket-dir" in message or "connect" in message.lower()
+
+
+# --- wrong password -------------------------------------------------------------------------
+
+@pytest.fixture
+def password_server(tmp_path):
+    """A throw-away embedded server that demands a password (scram) from role kp_pw.
+
+    The shared test server trusts every connection (and the system's pg_hba.conf is not ours
+    to change), so this server's own pg_hba.conf, in its own data directory, gets a
+    scram-sha-256 line for one role, ahead of the trust lines.
+    """
+    from kombu_pg import embedded
+
+    with embedded.start() as server:
+        with psycopg.connect(server.url, autocommit=True) as conn:
+            conn.execute("SET password_encryption = 'scram-sha-256'")
+            conn.execute("CREATE ROLE kp_pw LOGIN PASSWORD 'right-Pw-123'")
+            conn.execute(psycopg.sql.SQL("GRANT CREATE ON DATABASE {} TO kp_pw").format(
+                psycopg.sql.Identifier(conn.info.dbname)))
+            hba = Path(conn.execute("SHOW hba_file").fetchone()[0])
+            hba.write_text("local all kp_pw scram-sha-256\nhost all kp_pw all scram-sha-256\n" + hba.read_text())
+            conn.execute("SELECT pg_reload_conf()")
+
+        def url(password):
+            user_url = server.url.replace("postgres:@", f"kp_pw:{password}@", 1)
+            assert user_url != server.url, server.url
+            return user_url
+
+        def wrong_password_refused():
+            try:
+                psycopg.connect(url("not-the-password"), connect_timeout=5).close()
+            except psycopg.OperationalError:
+                return True
+            return False
+
+        wait_for(wrong_password_refused, 10, what="the server to reload pg_hba.conf")
+        psycopg.connect(url("right-Pw-123"), connect_timeout=5).close()
+        yield url
+
+
+def test_wrong_password_gives_one_line_error_without_password(password_server, procs, tmp_path):
+    secret = "Wr0ngPassw0rd-xyz"
+    url = password_server(secret)
+    schema = unique("t_")
+    message = connect_error(url, schema=schema)
+    assert secret not in message
+    assert "password" in message.lower() or "authentication" in message.lower(), message
+    # The CLI too: one line on stderr, exit status not 0, no password.
+    result = procs.run([console_script("kombu-pg"), "migrate", "--url", url, "--schema", schema])
+    assert result.returncode != 0
+    assert secret not in result.stdout + result.stderr
+    err = one_line(result.stderr)
+    assert "password" in err.lower() or "authentication" in err.lower(), err
+    # And the right password works.
+    with kombu.Connection(password_server("right-Pw-123"), transport_options={"schema": schema}) as conn:
+        simple = conn.SimpleQueue("pw")
+        simple.put(1)
+        simple.get(timeout=5).ack()
