@@ -6,7 +6,8 @@
 Uses the database in KOMBU_PG_URL if set, else starts a throw-away embedded PostgreSQL
 server. Starts `celery worker` and `celery beat` (see app.py) as child processes, sends
 tasks through the broker, prints the results, then stops everything it started. Exits
-0 when every step worked, 1 (with the end of the worker and beat logs) otherwise.
+0 when every step worked, 130 when interrupted, 1 (with the end of the worker and beat
+logs) otherwise.
 """
 import contextlib
 import os
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 from kombu.utils.url import maybe_sanitize_url
@@ -165,7 +167,11 @@ def last_result_id(libpq_url: str) -> int:
     the same database are not counted."""
     import psycopg
 
-    with psycopg.connect(libpq_url, connect_timeout=5) as conn:
+    try:
+        conn = psycopg.connect(libpq_url, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        raise DemoFailed(f"cannot connect to the database: {exc}") from None
+    with conn:
         if not conn.execute("SELECT to_regclass('celery_taskmeta') IS NOT NULL").fetchone()[0]:
             return 0  # the backend creates its tables when it stores the first result
         return conn.execute("SELECT coalesce(max(id), 0) FROM celery_taskmeta").fetchone()[0]
@@ -224,8 +230,11 @@ def main() -> int:
             print("\nInterrupted; stopping everything that was started ...", file=sys.stderr)
             code = 130
         except Exception as exc:
-            reason = str(exc) if isinstance(exc, DemoFailed) else f"{type(exc).__name__}: {exc}"
-            print(f"\nDemo failed: {reason}", file=sys.stderr)
+            if isinstance(exc, DemoFailed):
+                print(f"\nDemo failed: {exc}", file=sys.stderr)
+            else:
+                print("\nDemo failed:", file=sys.stderr)
+                traceback.print_exc()
             if children is not None:
                 children.stop()  # so that their logs are complete
                 children.print_logs()

@@ -17,6 +17,9 @@ KOMBU_OPTIONS = frozenset({
 })
 
 
+POLICY_KEYS = ("max_attempts", "backoff_base", "backoff_cap")
+
+
 class ConfigurationError(ValueError):
     """A broken broker URL or transport option. The message never contains a password."""
 
@@ -48,6 +51,24 @@ class Options:
     sweep_interval: float = 5.0
     #: Seconds to wait for a connection (pool checkout and connect).
     connect_timeout: float = 10.0
+    #: Deliveries of a message before it goes to the dead letters: failed attempts (the task
+    #: raised, its worker was lost) and expired leases all count.
+    max_attempts: int = 5
+    #: Seconds before the first retry of a failed message; doubled per attempt, with jitter.
+    backoff_base: float = 1.0
+    #: Longest retry delay, in seconds.
+    backoff_cap: float = 300.0
+    #: Per-queue overrides of max_attempts, backoff_base and backoff_cap:
+    #: ``{"queue name": {"max_attempts": 10}}``.
+    queue_options: dict = dataclasses.field(default_factory=dict)
+
+    def __hash__(self):
+        return hash(tuple(sorted((k, repr(v)) for k, v in dataclasses.asdict(self).items())))
+
+    def policy(self, queue: str) -> dict:
+        """The retry policy of ``queue``: its overrides over the global values."""
+        own = self.queue_options.get(queue, {})
+        return {key: own.get(key, getattr(self, key)) for key in POLICY_KEYS}
 
     @classmethod
     def from_transport_options(cls, raw: dict) -> "Options":
@@ -68,6 +89,14 @@ class Options:
             raise ConfigurationError("transport option 'visibility_timeout' must be >= 1 second")
         if options.polling_interval <= 0:
             raise ConfigurationError("transport option 'polling_interval' must be > 0")
+        if options.max_attempts < 1:
+            raise ConfigurationError("transport option 'max_attempts' must be >= 1")
+        for queue, overrides in options.queue_options.items():
+            unknown = set(overrides) - set(POLICY_KEYS)
+            if unknown:
+                raise ConfigurationError(
+                    f"transport option 'queue_options' for queue {queue!r}: unknown keys "
+                    f"{sorted(unknown)}; allowed: {', '.join(POLICY_KEYS)}")
         return options
 
     @property
@@ -76,7 +105,7 @@ class Options:
 
 
 def _coerce(key, type_name, value):
-    kinds = {"str": str, "float": float, "int": int, "bool": bool,
+    kinds = {"str": str, "float": float, "int": int, "bool": bool, "dict": dict,
              "str | None": str}
     kind = kinds[type_name]
     if value is None and type_name.endswith("None"):
@@ -86,6 +115,9 @@ def _coerce(key, type_name, value):
             return value.lower() in ("1", "true", "yes", "on")
         if isinstance(value, bool):
             return value
+    elif kind is dict:
+        if isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()):
+            return {str(k): dict(v) for k, v in value.items()}
     else:
         try:
             return kind(value)

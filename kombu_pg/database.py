@@ -6,8 +6,11 @@ connection inherited across fork would end the parent's session), and new ones a
 """
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import os
+import socket
 import threading
 from typing import Any
 
@@ -94,6 +97,56 @@ class Database:
                         f"database {self.description} unavailable: {scrub(exc, self.conninfo)}") from None
                 logger.warning("kombu_pg: connection lost (%s), retrying", scrub(exc, self.conninfo))
 
+    # -- settling by lease: usable from any process that knows (id, token) ---------------------
+
+    def fail(self, message_id: int, token: str, error: dict, *, queue: str,
+             dead_reason: str = "max_attempts", max_attempts: int | None = None,
+             backoff_base: float | None = None, backoff_cap: float | None = None) -> dict | None:
+        """Record a failed attempt: retry after backoff, or dead-letter at the cap.
+
+        Returns ``{"attempt", "max_attempts", "dead_letter_id", "retry_at"}``, or None when the
+        lease is no longer ours (nothing was changed).
+        """
+        policy = self.options.policy(queue)
+        rows = self.run(self.q.fail, {
+            "id": message_id, "token": token, "error": json.dumps([error], default=str),
+            "dead_reason": dead_reason, "max_attempts": max_attempts,
+            "backoff_base": backoff_base, "backoff_cap": backoff_cap,
+            "default_max_attempts": policy["max_attempts"],
+            "default_backoff_base": policy["backoff_base"],
+            "default_backoff_cap": policy["backoff_cap"],
+        }, fetch=True)
+        if not rows:
+            return None
+        attempt, cap, dead_letter_id, retry_at = rows[0]
+        self.leases.forget([message_id])
+        return {"attempt": attempt, "max_attempts": cap, "dead_letter_id": dead_letter_id,
+                "retry_at": retry_at}
+
+    def dead_letter(self, message_id: int, token: str, reason: str, error: dict) -> int | None:
+        """Move a leased message to the dead letters; its id there, or None if not ours."""
+        try:
+            rows = self.run(self.q.dead_letter, {"id": message_id, "token": token, "reason": reason,
+                                                 "error": json.dumps([error], default=str)}, fetch=True)
+        finally:
+            self.leases.forget([message_id])
+        if not rows:
+            return None
+        dead_letter_id, queue, task_id, attempts = rows[0]
+        logger.warning("kombu_pg: dead-lettered message %s (task %s) of queue %r after %d "
+                       "attempt(s): %s", message_id, task_id, queue, attempts, reason)
+        return dead_letter_id
+
+    def reap(self, limit: int = 1000) -> list[tuple]:
+        """Return expired leases to their queues, or dead-letter them at the delivery cap."""
+        rows = self.run(self.q.reap, {"limit": limit,
+                                      "default_max_attempts": self.options.max_attempts}, fetch=True)
+        for outcome, message_id, queue, task_id, attempt in rows:
+            logger.warning("kombu_pg: lease of message %s (task %s, queue %r, attempt %d) expired: %s",
+                           message_id, task_id, queue, attempt,
+                           "dead-lettered (lease_expired)" if outcome == "dead_lettered" else "returned to its queue")
+        return rows
+
     def close(self) -> None:
         self.leases.stop()
         if self._pool is not None:
@@ -119,3 +172,11 @@ def get(conninfo: str, options: Options, description: str) -> Database:
         if db is None:
             db = _registry[key] = Database(conninfo, options, description)
         return db
+
+
+def error_entry(exc_type: str, message: str, traceback: str | None = None,
+                worker: str | None = None) -> dict:
+    """One entry of a message's error history."""
+    return {"at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "worker": worker or f"{socket.gethostname()}:{os.getpid()}",
+            "type": exc_type, "message": message, "traceback": traceback}

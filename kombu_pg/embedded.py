@@ -107,7 +107,9 @@ def start(data_dir: Path | str | None = None) -> EmbeddedServer:
 
     ``data_dir``: where to keep the data. ``None`` (the default) uses a new temporary
     directory that :meth:`EmbeddedServer.stop` deletes; a given directory is created if
-    needed and kept, so a later ``start(data_dir)`` finds the same databases.
+    needed and kept, so a later ``start(data_dir)`` finds the same databases. A server
+    already running on ``data_dir`` (started by another process) is shared, and stops
+    when the last process using it does.
     """
     pgserver = _import_pgserver()
     temp_dir = None

@@ -7,10 +7,11 @@
 -- message's own expiration both bound expires_at; least() ignores NULLs.
 -- The NOTIFY wakes consumers; it is delivered at commit, and coalesced per transaction.
 WITH ins AS (
-    INSERT INTO {schema}.messages (queue, priority, visible_at, expires_at, payload)
+    INSERT INTO {schema}.messages
+        (queue, priority, visible_at, expires_at, payload, task_id, task_name, max_attempts)
     SELECT %(queue)s, %(priority)s, coalesce(%(eta)s::timestamptz, now()),
            least(now() + q.message_ttl, now() + %(ttl_ms)s * interval '1 millisecond'),
-           %(payload)s
+           %(payload)s, %(task_id)s, %(task_name)s, %(max_attempts)s
     FROM (VALUES (1)) AS one
     LEFT JOIN {schema}.queues q ON q.name = %(queue)s
     RETURNING queue
@@ -31,10 +32,11 @@ WITH targets AS (
               ELSE true
           END
 ), ins AS (
-    INSERT INTO {schema}.messages (queue, priority, visible_at, expires_at, payload)
+    INSERT INTO {schema}.messages
+        (queue, priority, visible_at, expires_at, payload, task_id, task_name, max_attempts)
     SELECT t.queue, %(priority)s, coalesce(%(eta)s::timestamptz, now()),
            least(now() + q.message_ttl, now() + %(ttl_ms)s * interval '1 millisecond'),
-           %(payload)s
+           %(payload)s, %(task_id)s, %(task_name)s, %(max_attempts)s
     FROM targets t
     LEFT JOIN {schema}.queues q ON q.name = t.queue
     RETURNING queue
@@ -50,6 +52,8 @@ WITH c AS (
     WHERE queue = %(queue)s
       AND visible_at <= now()
       AND (expires_at IS NULL OR expires_at > now())
+      -- An expired lease that used up its deliveries is the reaper's, for the dead letters.
+      AND (lease_token IS NULL OR delivery_count < coalesce(max_attempts, %(max_attempts)s))
     ORDER BY priority DESC, visible_at, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -60,7 +64,7 @@ SET lease_token = gen_random_uuid(),
     delivery_count = m.delivery_count + 1
 FROM c
 WHERE m.id = c.id
-RETURNING m.id, m.lease_token, m.delivery_count, m.priority, m.payload
+RETURNING m.id, m.lease_token, m.delivery_count, m.priority, m.payload, m.released
 
 -- name: ack
 -- Guarded by the token: a lease that expired and went to another consumer is not ours to delete.
@@ -69,9 +73,11 @@ USING unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS a(id, token)
 WHERE m.id = a.id AND m.lease_token = a.token
 
 -- name: release
--- Give the message back at once (reject with requeue, shutdown): no copy, same row.
+-- Give back a message that was never processed (consumer shut down, connection closed): same
+-- row, no copy, visible at once. Its delivery did not count as an attempt.
 UPDATE {schema}.messages m
-SET lease_token = NULL, visible_at = now()
+SET lease_token = NULL, visible_at = now(), delivery_count = greatest(m.delivery_count - 1, 0),
+    released = true
 FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS a(id, token)
 WHERE m.id = a.id AND m.lease_token = a.token
 
@@ -93,12 +99,18 @@ WHERE queue = %(queue)s AND visible_at <= now() AND (expires_at IS NULL OR expir
 DELETE FROM {schema}.messages WHERE queue = %(queue)s AND visible_at <= now()
 
 -- name: declare_queue
-INSERT INTO {schema}.queues (name, durable, auto_delete, expires, message_ttl)
+INSERT INTO {schema}.queues (name, durable, auto_delete, expires, message_ttl,
+                            max_attempts, backoff_base, backoff_cap)
 VALUES (%(queue)s, %(durable)s, %(auto_delete)s,
-        %(expires_ms)s * interval '1 millisecond', %(message_ttl_ms)s * interval '1 millisecond')
+        %(expires_ms)s * interval '1 millisecond', %(message_ttl_ms)s * interval '1 millisecond',
+        %(max_attempts)s, %(backoff_base)s, %(backoff_cap)s)
 ON CONFLICT (name) DO UPDATE
 SET durable = excluded.durable, auto_delete = excluded.auto_delete,
-    expires = excluded.expires, message_ttl = excluded.message_ttl, last_used = now()
+    expires = excluded.expires, message_ttl = excluded.message_ttl, last_used = now(),
+    -- A declaring process without overrides keeps those another process configured.
+    max_attempts = coalesce(excluded.max_attempts, queues.max_attempts),
+    backoff_base = coalesce(excluded.backoff_base, queues.backoff_base),
+    backoff_cap = coalesce(excluded.backoff_cap, queues.backoff_cap)
 
 -- name: has_queue
 SELECT EXISTS (SELECT 1 FROM {schema}.queues WHERE name = %(queue)s)
@@ -177,4 +189,99 @@ WITH c AS (
 DELETE FROM {schema}.messages m
 USING c
 WHERE m.id = c.id
-RETURNING m.id, NULL::uuid, m.delivery_count + 1, m.priority, m.payload
+RETURNING m.id, NULL::uuid, m.delivery_count + 1, m.priority, m.payload, m.released
+
+-- name: fail
+-- A processing attempt failed (the task raised, or the consumer requeued it): decided here from
+-- the persisted delivery count, in one statement. Below the cap the message is retried after an
+-- exponential backoff with jitter (half to all of min(cap, base * 2^(attempt-1)) seconds); at the
+-- cap it moves to the dead letters. Either way the attempt's error joins the history. A message
+-- whose lease is no longer ours (acked, or re-leased elsewhere) is left alone: no row returned.
+WITH m AS (
+    SELECT m.id, m.delivery_count,
+           coalesce(%(max_attempts)s, m.max_attempts, q.max_attempts, %(default_max_attempts)s) AS cap,
+           coalesce(%(backoff_base)s, q.backoff_base, %(default_backoff_base)s) AS base,
+           coalesce(%(backoff_cap)s, q.backoff_cap, %(default_backoff_cap)s) AS backoff_cap
+    FROM {schema}.messages m
+    LEFT JOIN {schema}.queues q ON q.name = m.queue
+    WHERE m.id = %(id)s AND m.lease_token = %(token)s
+    FOR UPDATE OF m
+), dead AS (
+    DELETE FROM {schema}.messages d
+    USING m
+    WHERE d.id = m.id AND m.delivery_count >= m.cap
+    RETURNING d.*, m.cap
+), buried AS (
+    INSERT INTO {schema}.dead_letters (message_id, queue, priority, task_id, task_name, reason,
+                                       attempts, max_attempts, errors, payload, enqueued_at)
+    SELECT id, queue, priority, task_id, task_name, %(dead_reason)s,
+           delivery_count, cap, errors || %(error)s::jsonb, payload, created_at
+    FROM dead
+    RETURNING id
+), retried AS (
+    UPDATE {schema}.messages r
+    SET lease_token = NULL,
+        errors = r.errors || %(error)s::jsonb,
+        visible_at = now() + least(m.backoff_cap, m.base * power(2, greatest(m.delivery_count - 1, 0)))
+                             * (0.5 + random() / 2) * interval '1 second'
+    FROM m
+    WHERE r.id = m.id AND m.delivery_count < m.cap
+    RETURNING r.visible_at
+)
+SELECT m.delivery_count, m.cap, (SELECT id FROM buried), (SELECT visible_at FROM retried)
+FROM m
+
+-- name: dead_letter
+-- Straight to the dead letters (rejected, unregistered task, undecodable body, ...).
+WITH d AS (
+    DELETE FROM {schema}.messages
+    WHERE id = %(id)s AND lease_token = %(token)s
+    RETURNING *
+)
+INSERT INTO {schema}.dead_letters (message_id, queue, priority, task_id, task_name, reason,
+                                   attempts, max_attempts, errors, payload, enqueued_at)
+SELECT id, queue, priority, task_id, task_name, %(reason)s,
+       delivery_count, max_attempts, errors || %(error)s::jsonb, payload, created_at
+FROM d
+RETURNING id, queue, task_id, delivery_count
+
+-- name: reap
+-- Expired leases: the consumer died or stalled. Those with deliveries left go back to their
+-- queue (they were deliverable already; clearing the token makes stats count them as ready);
+-- those without go to the dead letters. Rows are picked and changed under the same lock, and
+-- only while their lease is still expired, so a message acked or re-leased meanwhile is skipped.
+WITH expired AS (
+    SELECT m.id, m.delivery_count,
+           coalesce(m.max_attempts, q.max_attempts, %(default_max_attempts)s) AS cap
+    FROM {schema}.messages m
+    LEFT JOIN {schema}.queues q ON q.name = m.queue
+    WHERE m.lease_token IS NOT NULL AND m.visible_at <= now()
+    ORDER BY m.visible_at
+    LIMIT %(limit)s
+    FOR UPDATE OF m SKIP LOCKED
+), note AS (
+    SELECT jsonb_build_array(jsonb_build_object(
+        'at', now(), 'worker', null, 'type', 'LeaseExpired',
+        'message', 'the consumer holding the message stopped renewing its lease', 'traceback', null)) AS error
+), dead AS (
+    DELETE FROM {schema}.messages d
+    USING expired e
+    WHERE d.id = e.id AND e.delivery_count >= e.cap
+    RETURNING d.*, e.cap
+), buried AS (
+    INSERT INTO {schema}.dead_letters (message_id, queue, priority, task_id, task_name, reason,
+                                       attempts, max_attempts, errors, payload, enqueued_at)
+    SELECT id, queue, priority, task_id, task_name, 'lease_expired',
+           delivery_count, cap, errors || (SELECT error FROM note), payload, created_at
+    FROM dead
+    RETURNING message_id, queue, task_id, attempts
+), returned AS (
+    UPDATE {schema}.messages r
+    SET lease_token = NULL, errors = r.errors || (SELECT error FROM note)
+    FROM expired e
+    WHERE r.id = e.id AND e.delivery_count < e.cap
+    RETURNING r.id, r.queue, r.task_id, r.delivery_count
+)
+SELECT 'dead_lettered', message_id, queue, task_id, attempts FROM buried
+UNION ALL
+SELECT 'returned', id, queue, task_id, delivery_count FROM returned

@@ -24,11 +24,14 @@ from kombu.utils.json import dumps, loads
 from psycopg_pool import PoolTimeout
 
 from . import config, database
+from .database import error_entry
 from .listener import Listener
 
 logger = logging.getLogger(__name__)
 
 MAX_PRIORITY = 255
+#: Header carrying a per-message delivery cap (the Celery integration sets it from the task).
+MAX_ATTEMPTS_HEADER = "x-kombu-pg-max-attempts"
 
 
 def parse_tag(delivery_tag: str) -> tuple[int, str | None]:
@@ -62,13 +65,26 @@ class QoS(virtual.QoS):
         super().ack(delivery_tag)
 
     def reject(self, delivery_tag, requeue=False):
-        # Not the base class: it would publish a copy of the message.
+        # Not the base class: it would publish a copy of the message. A rejection is a failed
+        # attempt: requeued, it is retried after backoff until the delivery cap; not requeued,
+        # it goes to the dead letters rather than vanishing.
+        message_id, token = parse_tag(delivery_tag)
+        db = self.channel.db
         if requeue:
-            self._settle(delivery_tag, "release")
+            outcome = db.fail(message_id, token, error_entry("Requeued", "rejected with requeue by the consumer"),
+                              queue=self._queue_of(delivery_tag))
+            if outcome and outcome["retry_at"]:
+                logger.info("kombu_pg: message %s requeued (attempt %d of %d), visible at %s", message_id,
+                            outcome["attempt"], outcome["max_attempts"], outcome["retry_at"])
         else:
-            logger.warning("kombu_pg: message %s rejected without requeue: deleted", delivery_tag)
-            self._settle(delivery_tag, "ack")
+            db.dead_letter(message_id, token, "rejected",
+                           error_entry("Rejected", "rejected without requeue by the consumer"))
         self._quick_ack(delivery_tag)
+
+    def _queue_of(self, delivery_tag) -> str:
+        message = self._delivered.get(delivery_tag)
+        info = message.delivery_info if message is not None else {}
+        return (info.get("kombu_pg") or {}).get("queue") or info.get("routing_key") or ""
 
     def _settle(self, delivery_tag, statement):
         message_id, token = parse_tag(delivery_tag)
@@ -117,7 +133,12 @@ class Channel(virtual.Channel):
         except (TypeError, ValueError):
             priority = 0
         expiration = props.get("expiration")
+        headers = message.get("headers") or {}
+        max_attempts = headers.get(MAX_ATTEMPTS_HEADER)
         return {
+            "task_id": headers.get("id"),
+            "task_name": headers.get("task"),
+            "max_attempts": int(max_attempts) if max_attempts else None,
             "priority": priority,
             # Celery's eta/countdown: the row stays invisible until due, so no worker holds it.
             "eta": _parse_eta((message.get("headers") or {}).get("eta")),
@@ -136,19 +157,21 @@ class Channel(virtual.Channel):
         no_ack = queue in self._no_ack_queues
         rows = self.db.run(self.db.q.claim_no_ack if no_ack else self.db.q.claim,
                            {"queue": queue, "limit": limit,
+                            "max_attempts": self.options.policy(queue)["max_attempts"],
                             "lease_seconds": self.options.visibility_timeout}, fetch=True)
         rows.sort(key=lambda row: (-row[3], row[0]))  # RETURNING has no order
         return [self._to_payload(queue, *row) for row in rows]
 
-    def _to_payload(self, queue, message_id, token, delivery_count, priority, payload) -> dict:
+    def _to_payload(self, queue, message_id, token, delivery_count, priority, payload, released) -> dict:
         message = loads(payload)
         props = message["properties"]
         props["delivery_tag"] = f"{message_id}:{token or '-'}"
         info = props.setdefault("delivery_info", {})
-        info["redelivered"] = delivery_count > 1
+        info["redelivered"] = delivery_count > 1 or released
         # Celery hooks read these from request.properties['delivery_info'].
-        info["kombu_pg"] = {"id": message_id, "queue": queue, "delivery_count": delivery_count}
-        if delivery_count > 1:
+        info["kombu_pg"] = {"id": message_id, "token": str(token) if token else None,
+                            "queue": queue, "delivery_count": delivery_count}
+        if info["redelivered"]:
             logger.info("kombu_pg: redelivering message %s of queue %r (delivery %d)",
                         message_id, queue, delivery_count)
         return message
@@ -215,9 +238,13 @@ class Channel(virtual.Channel):
 
     def _new_queue(self, queue, durable=True, auto_delete=False, arguments=None, **kwargs):
         arguments = arguments or {}
+        overrides = self.options.queue_options.get(queue, {})
         self.db.run(self.db.q.declare_queue, {
             "queue": queue, "durable": bool(durable), "auto_delete": bool(auto_delete),
             "expires_ms": arguments.get("x-expires"), "message_ttl_ms": arguments.get("x-message-ttl"),
+            # Stored with the queue so that reapers in other processes apply the same policy.
+            "max_attempts": overrides.get("max_attempts"), "backoff_base": overrides.get("backoff_base"),
+            "backoff_cap": overrides.get("backoff_cap"),
         })
         if auto_delete:
             self._auto_delete_queues.add(queue)
@@ -405,6 +432,7 @@ class Transport(virtual.Transport):
             queues_gone = conn.execute(q.sweep_expired_queues, {
                 "auto_delete_expires_s": self.options.auto_delete_expires}).rowcount
             expired = conn.execute(q.sweep_expired_messages).rowcount
+        self.db.reap()
         if queues_gone or expired:
             logger.info("kombu_pg: sweep removed %d message(s) of expired queues and %d expired "
                         "message(s)", queues_gone, expired)

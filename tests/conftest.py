@@ -364,6 +364,8 @@ def make_app(env, tmp_path):
              conf: dict | None = None, transport_options: dict | None = None,
              broker_url: str | None = None) -> AppHandle:
         name = unique("kpapp_")
+        if callable(conf):  # conf may need the module name (task names): conf(name) -> dict
+            conf = conf(name)
         options = dict(env.transport_options)
         if visibility_timeout is not None:
             options["visibility_timeout"] = visibility_timeout

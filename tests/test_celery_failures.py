@@ -1,0 +1,68 @@
+"""Failures: a worker killed with SIGKILL, database connections terminated mid-run."""
+from __future__ import annotations
+
+import collections
+import time
+
+import pytest
+
+from conftest import unique, wait_for
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_leases_are_redelivered(make_app, procs, env):
+    """Kill -9 a worker holding leased messages: another worker gets every one, redelivered."""
+    app = make_app(visibility_timeout=2)
+    count = 4
+    # prefork -c 1 prefetches 4 (the default multiplier): one runs (and sleeps), three wait.
+    w1 = procs.worker(app, name="w1", pool="prefork", concurrency=1)
+    results = [app.slow_first_time.delay(f"job{i}", 60) for i in range(count)]
+    ids = {r.id for r in results}
+
+    def all_leased():
+        rows = env.messages("celery")
+        return len(rows) == count and all(r["lease_token"] is not None for r in rows)
+
+    wait_for(all_leased, 20, what=f"w1 to lease all {count} messages")
+    wait_for(lambda: [r for r in env.runs() if r["hostname"] == w1.hostname], 20, what="w1 to start a task")
+    w1.kill9()  # the main process only; its pool child is orphaned (reaped at teardown)
+
+    w2 = procs.worker(app, name="w2", pool="prefork", concurrency=2)
+    for r in results:
+        r.get(timeout=30)
+    runs_w2 = [r for r in env.runs() if r["hostname"] == w2.hostname]
+    assert sorted(r["task_id"] for r in runs_w2) == sorted(ids), "each message exactly once on w2"
+    assert all(r["redelivered"] is True for r in runs_w2), runs_w2
+    wait_for(lambda: env.message_count("celery") == 0, 10, what="the redelivered messages to be acked")
+
+
+@pytest.mark.slow
+def test_terminated_connections_lose_and_duplicate_nothing(make_app, procs, env):
+    """pg_terminate_backend on all the worker's broker connections, twice, mid-run."""
+    app_name = unique("kpb_")
+    app = make_app(visibility_timeout=5, url_params={"application_name": app_name})
+    worker = procs.worker(app, name="w1", pool="threads", concurrency=4)
+    count = 40
+    results = [app.sleepy.delay(f"t{i}", 0.25) for i in range(count)]
+    ids = {r.id for r in results}
+
+    def terminate() -> int:
+        rows = env.db.query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = %s AND pid <> pg_backend_pid()", (app_name,))
+        return sum(1 for (ok,) in rows if ok)
+
+    for progress in (5, 20):
+        env.wait_runs(progress, timeout=60, what=f"{progress} tasks to start")
+        # At least one of the worker's broker connections (found by its application_name).
+        wait_for(terminate, 10, interval=0.05, what="a broker connection of the worker to terminate")
+
+    wait_for(lambda: {r["task_id"] for r in env.runs()} >= ids, 90, what="every task to run")
+    for r in results:
+        assert r.get(timeout=30).startswith("t")
+    # Nothing left that could still be delivered again.
+    wait_for(lambda: env.message_count("celery") == 0, 30, what="every message to be acked")
+    counts = collections.Counter(r["task_id"] for r in env.runs())
+    assert {k: v for k, v in counts.items() if v > 1} == {}, "tasks ran twice"
+    assert set(counts) == ids
+    assert worker.alive()
