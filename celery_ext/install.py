@@ -6,7 +6,9 @@ import logging
 from celery import signals
 
 from kombu_pg.config import SCHEMES
-from kombu_pg.transport import Transport
+from kombu_pg.transport import MAX_ATTEMPTS_HEADER, Transport
+
+from . import consumer, retries
 
 logger = logging.getLogger("kombu_pg")
 
@@ -15,6 +17,9 @@ TRANSPORT_PATHS = {"kombu_pg.transport:Transport", "kombu_pg.transport.Transport
 #: Settings we turn on unless the user set them: redelivery of killed workers' tasks needs
 #: late acks, and a killed child must not ack (the delivery cap stops poison loops).
 DEFAULTS = {"task_acks_late": True, "task_reject_on_worker_lost": True}
+#: A failure the task could not report itself (its body failed to decode in the pool, a hard
+#: time limit) must not be acked away: rejected, it is retried or dead-lettered by the broker.
+FAILURE_DEFAULTS = {"task_acks_on_failure": False, "task_acks_on_timeout": False}
 
 
 def uses_pg_broker(app) -> bool:
@@ -33,11 +38,33 @@ def install(app) -> dict:
     if not uses_pg_broker(app):
         return {}
     Transport.in_progress = _in_progress
+    consumer.install()
     signals.worker_init.connect(_announce, weak=False, dispatch_uid="kombu_pg.announce")
+    signals.before_task_publish.connect(_publish_max_attempts, weak=False, dispatch_uid="kombu_pg.publish")
+    app.on_after_finalize.connect(_wrap_tasks, weak=False, dispatch_uid="kombu_pg.wrap")
     app._kombu_pg_installed = True
     # Added as a defaults layer in front of Celery's own, so keys the user set anywhere (conf,
     # a config module) are left alone, now and if they change later.
-    return {key: value for key, value in DEFAULTS.items() if not _explicitly_set(app, key)}
+    defaults = {key: value for key, value in DEFAULTS.items() if not _explicitly_set(app, key)}
+    if not _explicitly_set(app, "task_acks_on_failure_or_timeout"):
+        defaults.update((key, value) for key, value in FAILURE_DEFAULTS.items()
+                        if not _explicitly_set(app, key))
+    return defaults
+
+
+def _wrap_tasks(sender=None, **kwargs):
+    for task in list(sender.tasks.values()):
+        retries.wrap(task)
+
+
+def _publish_max_attempts(sender=None, headers=None, **kwargs):
+    """Carry a task's max_attempts in the message, for the reaper of expired leases."""
+    from celery import current_app
+
+    task = current_app.tasks.get(sender) if isinstance(sender, str) else None
+    max_attempts = getattr(task, "max_attempts", None)
+    if max_attempts and headers is not None:
+        headers[MAX_ATTEMPTS_HEADER] = int(max_attempts)
 
 
 def _explicitly_set(app, key: str) -> bool:

@@ -243,7 +243,7 @@ INSERT INTO {schema}.dead_letters (message_id, queue, priority, task_id, task_na
 SELECT id, queue, priority, task_id, task_name, %(reason)s,
        delivery_count, max_attempts, errors || %(error)s::jsonb, payload, created_at
 FROM d
-RETURNING id, queue, task_id, delivery_count
+RETURNING id, queue, task_id, attempts
 
 -- name: reap
 -- Expired leases: the consumer died or stalled. Those with deliveries left go back to their

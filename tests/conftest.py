@@ -46,7 +46,7 @@ def pytest_configure(config):
 # Small helpers
 # ---------------------------------------------------------------------------------------------
 
-def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
+def wait_for(predicate, timeout: float, interval: float = 0.1, what="condition"):
     """Poll ``predicate`` until it returns a truthy value (returned) or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while True:
@@ -54,6 +54,7 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
         if value:
             return value
         if time.monotonic() >= deadline:
+            what = what() if callable(what) else what  # a callable describes the state at timeout
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last value: {value!r})")
         time.sleep(interval)
 
