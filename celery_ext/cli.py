@@ -1,23 +1,24 @@
-"""``celery -A app pg …``: the kombu-pg commands, with the URL and schema taken from the app."""
+"""``celery -A app pg …``: the kombu-pg commands, for the app's own broker URL and schema."""
 from __future__ import annotations
 
 import click
-from celery.bin.base import CeleryCommand, handle_preload_options
+from celery.bin.base import handle_preload_options
 
 from kombu_pg import cli as pg_cli
 from kombu_pg import config
 
 
-@click.group(name="pg", cls=click.Group, help="kombu-pg broker commands for this app's broker.")
+@click.group(name="pg", help="kombu-pg broker commands (migrate, stats, dlq) for this app's broker.")
 @click.pass_context
 @handle_preload_options
 def pg(ctx):
-    pass
-
-
-@pg.command(cls=CeleryCommand, help="Create or upgrade the broker tables of this app.")
-@click.pass_context
-def migrate(ctx):
     app = ctx.obj.app
+    url = app.conf.broker_url
+    if not isinstance(url, str) or url.partition("://")[0].lower() not in config.SCHEMES:
+        raise click.UsageError(f"this app's broker is not PostgreSQL ({config.mask_url(str(url))})")
     schema = (app.conf.broker_transport_options or {}).get("schema", config.Options.schema)
-    ctx.invoke(pg_cli.migrate, url=app.conf.broker_url, schema=schema)
+    ctx.meta["kombu_pg.target"] = pg_cli.Target(url, schema)
+
+
+for _command in pg_cli.COMMANDS:
+    pg.add_command(_command)

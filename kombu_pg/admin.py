@@ -1,0 +1,150 @@
+"""Operator API: dead letters (list, show, replay, purge) and queue statistics.
+
+    from kombu_pg.admin import Admin
+    admin = Admin("postgresql://…", schema="kombu_pg")
+    for letter in admin.dead_letters(reason="max_attempts"):
+        print(letter.id, letter.task_name, letter.errors[-1]["message"])
+    admin.replay(task="tasks.charge")
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from typing import Callable, Iterator
+
+import psycopg
+
+from . import config
+from .queries import for_schema
+
+
+@dataclasses.dataclass(frozen=True)
+class Filter:
+    """Which dead letters: every field left None matches all."""
+
+    queue: str | None = None
+    task: str | None = None
+    reason: str | None = None
+    older_than: float | None = None  # seconds since dead-lettered
+    newer_than: float | None = None
+    replayed: bool | None = None
+    ids: list[int] | None = None
+
+    def params(self) -> dict:
+        return {"queue": self.queue, "task": self.task, "reason": self.reason,
+                "older_than_s": self.older_than, "newer_than_s": self.newer_than,
+                "replayed": self.replayed, "ids": list(self.ids) if self.ids else None}
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetterSummary:
+    id: int
+    message_id: int
+    queue: str
+    task_id: str | None
+    task_name: str | None
+    reason: str
+    attempts: int
+    max_attempts: int | None
+    dead_lettered_at: dt.datetime
+    replayed_at: dt.datetime | None
+    last_error_type: str | None
+    last_error: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetter:
+    id: int
+    message_id: int
+    queue: str
+    priority: int
+    task_id: str | None
+    task_name: str | None
+    reason: str
+    attempts: int
+    max_attempts: int | None
+    errors: list[dict]
+    message: dict  # the original Kombu message: body, headers, properties
+    enqueued_at: dt.datetime
+    dead_lettered_at: dt.datetime
+    replayed_at: dt.datetime | None
+
+
+class Admin:
+    def __init__(self, url: str, schema: str = config.Options.schema):
+        self.conninfo = config.to_conninfo(url)
+        self.description = config.mask_url(url)
+        self.schema = schema
+        self.q = for_schema(schema)
+        self.channel = config.Options(schema=schema).notify_channel
+
+    def connect(self) -> psycopg.Connection:
+        try:
+            return psycopg.connect(self.conninfo, autocommit=True)
+        except psycopg.OperationalError as exc:
+            raise psycopg.OperationalError(
+                f"cannot connect to {self.description}: {config.scrub(exc, self.conninfo)}") from None
+
+    def dead_letters(self, filter: Filter = Filter(), *, after: int = 0,
+                     limit: int = 50, **filters) -> list[DeadLetterSummary]:
+        """One page of dead letters with id > ``after``, oldest first."""
+        filter = dataclasses.replace(filter, **filters)
+        with self.connect() as conn:
+            rows = conn.execute(self.q.dlq_list, dict(filter.params(), after=after, limit=limit)).fetchall()
+        return [DeadLetterSummary(*row) for row in rows]
+
+    def iter_dead_letters(self, filter: Filter = Filter(), page: int = 500, **filters) -> Iterator[DeadLetterSummary]:
+        after = 0
+        while batch := self.dead_letters(filter, after=after, limit=page, **filters):
+            yield from batch
+            after = batch[-1].id
+
+    def dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
+        with self.connect() as conn:
+            row = conn.execute(self.q.dlq_get, {"id": dead_letter_id}).fetchone()
+        if row is None:
+            return None
+        values = list(row)
+        values[10] = json.loads(values[10])  # payload -> message
+        return DeadLetter(*values)
+
+    def replay(self, filter: Filter = Filter(), *, batch: int = 1000,
+               progress: Callable[[int], None] | None = None, **filters) -> int:
+        """Put matching dead letters back on their queues, all or none; returns how many."""
+        filter = dataclasses.replace(filter, **filters)
+        total, after = 0, 0
+        with self.connect() as conn, conn.transaction():
+            while True:
+                count, last_id, _ = conn.execute(self.q.dlq_replay_batch, dict(
+                    filter.params(), after=after, limit=batch, channel=self.channel)).fetchone()
+                if not count:
+                    break
+                total, after = total + count, last_id
+                if progress:
+                    progress(count)
+        return total
+
+    def count(self, filter: Filter = Filter(), **filters) -> int:
+        filter = dataclasses.replace(filter, **filters)
+        with self.connect() as conn:
+            return conn.execute(self.q.dlq_count, filter.params()).fetchone()[0]
+
+    def purge(self, filter: Filter = Filter(), **filters) -> int:
+        """Delete matching dead letters; returns how many."""
+        filter = dataclasses.replace(filter, **filters)
+        with self.connect() as conn:
+            return conn.execute(self.q.dlq_purge, filter.params()).rowcount
+
+    def stats(self) -> dict:
+        """Per queue: ready, delayed, leased, oldest ready age; dead letters by queue and reason."""
+        with self.connect() as conn:
+            queues = conn.execute(self.q.stats_queues).fetchall()
+            dead = conn.execute(self.q.stats_dead_letters).fetchall()
+        return {
+            "queues": [{"queue": name, "ready": ready, "delayed": delayed, "leased": leased,
+                        "oldest_ready_age_s": float(age) if age is not None else None}
+                       for name, ready, delayed, leased, age in queues],
+            "dead_letters": [{"queue": queue, "reason": reason, "count": count}
+                             for queue, reason, count in dead],
+        }
