@@ -11,12 +11,15 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import logging
 from typing import Callable, Iterator
 
 import psycopg
 
 from . import config
 from .queries import for_schema
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +126,7 @@ class Admin:
                 total, after = total + count, last_id
                 if progress:
                     progress(count)
+        logger.info("kombu_pg: replayed %d dead letter(s) (%s)", total, filter)
         return total
 
     def count(self, filter: Filter = Filter(), **filters) -> int:

@@ -184,3 +184,28 @@ def conninfo_from_parts(hostname, port, userid, password, virtual_host) -> str:
     params = {"host": hostname or "localhost", "port": port or None, "user": userid or None,
               "password": password or None, "dbname": (virtual_host or "").strip("/") or None}
     return make_conninfo(**{k: v for k, v in params.items() if v is not None})
+
+
+def options_table() -> str:
+    """The README's table of transport options, from the ``#:`` comments of :class:`Options`."""
+    import inspect
+
+    docs, pending = {}, []
+    for line in inspect.getsource(Options).splitlines():
+        text = line.strip()
+        if text.startswith("#:"):
+            pending.append(text[2:].strip())
+        elif pending and re.match(r"^\w+\s*:", text):
+            docs[text.split(":", 1)[0].strip()] = " ".join(pending)
+            pending = []
+        else:
+            pending = []
+    rows = ["| option | default | meaning |", "| --- | --- | --- |"]
+    defaults = Options()
+    for field in dataclasses.fields(Options):
+        rows.append(f"| `{field.name}` | `{getattr(defaults, field.name)!r}` | {docs.get(field.name, '')} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m kombu_pg.config: print the options table
+    print(options_table())

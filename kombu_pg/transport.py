@@ -171,9 +171,13 @@ class Channel(virtual.Channel):
         # Celery hooks read these from request.properties['delivery_info'].
         info["kombu_pg"] = {"id": message_id, "token": str(token) if token else None,
                             "queue": queue, "delivery_count": delivery_count}
+        task_id = (message.get("headers") or {}).get("id")
         if info["redelivered"]:
-            logger.info("kombu_pg: redelivering message %s of queue %r (delivery %d)",
-                        message_id, queue, delivery_count)
+            logger.info("kombu_pg: redelivered message %s (task %s) of queue %r, attempt %d",
+                        message_id, task_id, queue, delivery_count)
+        else:
+            logger.debug("kombu_pg: delivered message %s (task %s) of queue %r, attempt %d",
+                         message_id, task_id, queue, delivery_count)
         return message
 
     def _get(self, queue, timeout=None):
@@ -219,7 +223,9 @@ class Channel(virtual.Channel):
             return
         try:
             self.db.run(self.db.q.release, {"ids": [message_id], "tokens": [token]})
-            logger.debug("kombu_pg: released message %s", message_id)
+            logger.info("kombu_pg: released message %s (task %s) unprocessed, back in queue %r",
+                        message_id, (message.headers or {}).get("id"),
+                        (message.delivery_info.get("kombu_pg") or {}).get("queue"))
         except database.CONNECTION_ERRORS as exc:
             logger.warning("kombu_pg: could not release message %s (%s): it is redelivered when "
                            "its lease expires", message_id, exc)

@@ -37,11 +37,12 @@ def test_sigkilled_worker_leases_are_redelivered(make_app, procs, env):
 
 
 @pytest.mark.slow
-def test_terminated_connections_lose_and_duplicate_nothing(make_app, procs, env):
-    """pg_terminate_backend on all the worker's broker connections, twice, mid-run."""
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_terminated_connections_lose_and_duplicate_nothing(make_app, procs, env, pool):
+    """pg_terminate_backend on the worker's broker connections, twice, mid-run."""
     app_name = unique("kpb_")
     app = make_app(visibility_timeout=5, url_params={"application_name": app_name})
-    worker = procs.worker(app, name="w1", pool="threads", concurrency=4)
+    worker = procs.worker(app, name="w1", pool=pool, concurrency=4)
     count = 40
     results = [app.sleepy.delay(f"t{i}", 0.25) for i in range(count)]
     ids = {r.id for r in results}
