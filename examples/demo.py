@@ -114,7 +114,7 @@ def run_steps(libpq_url: str, children: Children, first_result_id: int) -> None:
                 pass
 
     def show(label, value):
-        print(f"  {label:<42} -> {value}", flush=True)
+        print(f"  {label:<44} -> {value}", flush=True)
 
     print("Waiting for the worker (a broadcast ping, answered through the broker) ...", flush=True)
     started = time.monotonic()

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import psycopg
 
-from . import config
+from . import config, counters
 from .queries import for_schema
 
 logger = logging.getLogger(__name__)
@@ -126,6 +126,7 @@ class Admin:
                 total, after = total + count, last_id
                 if progress:
                     progress(count)
+        counters.add("replayed", filter.queue or "", total)
         logger.info("kombu_pg: replayed %d dead letter(s) (%s)", total, filter)
         return total
 

@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from . import migrate
+from . import counters, migrate
 from .config import ConfigurationError, Options, scrub
 from .leases import LeaseKeeper
 from .queries import Queries, for_schema
@@ -120,6 +120,7 @@ class Database:
             return None
         attempt, cap, dead_letter_id, retry_at = rows[0]
         self.leases.forget([message_id])
+        counters.add("dead_lettered" if dead_letter_id else "retried", queue)
         return {"attempt": attempt, "max_attempts": cap, "dead_letter_id": dead_letter_id,
                 "retry_at": retry_at}
 
@@ -133,6 +134,7 @@ class Database:
         if not rows:
             return None
         dead_letter_id, queue, task_id, attempts = rows[0]
+        counters.add("dead_lettered", queue)
         logger.warning("kombu_pg: dead-lettered message %s (task %s) of queue %r after %d "
                        "attempt(s): %s", message_id, task_id, queue, attempts, reason)
         return dead_letter_id
@@ -142,6 +144,7 @@ class Database:
         rows = self.run(self.q.reap, {"limit": limit,
                                       "default_max_attempts": self.options.max_attempts}, fetch=True)
         for outcome, message_id, queue, task_id, attempt in rows:
+            counters.add("dead_lettered" if outcome == "dead_lettered" else "released", queue)
             logger.warning("kombu_pg: lease of message %s (task %s, queue %r, attempt %d) expired: %s",
                            message_id, task_id, queue, attempt,
                            "dead-lettered (lease_expired)" if outcome == "dead_lettered" else "returned to its queue")

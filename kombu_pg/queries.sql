@@ -6,21 +6,29 @@
 -- Publish to one queue (the default exchange). The queue's x-message-ttl, if declared, and the
 -- message's own expiration both bound expires_at; least() ignores NULLs.
 -- The NOTIFY wakes consumers; it is delivered at commit, and coalesced per transaction.
+-- With a unique key, a message already waiting or running under that key wins: nothing is
+-- inserted and no row returned (the caller logs the duplicate). In replace mode a waiting one
+-- takes the new content instead; a running one still wins.
 WITH ins AS (
     INSERT INTO {schema}.messages
-        (queue, priority, visible_at, expires_at, payload, task_id, task_name, max_attempts)
+        (queue, priority, visible_at, expires_at, payload, task_id, task_name, max_attempts, unique_key)
     SELECT %(queue)s, %(priority)s, coalesce(%(eta)s::timestamptz, now()),
            least(now() + q.message_ttl, now() + %(ttl_ms)s * interval '1 millisecond'),
-           %(payload)s, %(task_id)s, %(task_name)s, %(max_attempts)s
+           %(payload)s, %(task_id)s, %(task_name)s, %(max_attempts)s, %(unique_key)s
     FROM (VALUES (1)) AS one
     LEFT JOIN {schema}.queues q ON q.name = %(queue)s
+    ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL DO UPDATE
+    SET payload = excluded.payload, priority = excluded.priority, visible_at = excluded.visible_at,
+        expires_at = excluded.expires_at, task_id = excluded.task_id
+    WHERE %(unique_replace)s AND messages.lease_token IS NULL
     RETURNING queue
 )
 SELECT pg_notify(%(channel)s, queue) FROM ins
 
 -- name: publish_routed
 -- Route through an exchange in the database, so that bindings made by other processes count.
--- Returns one row per queue that received the message; none means unroutable.
+-- Returns one row per queue that received the message; none means unroutable (or, with a
+-- unique key, a duplicate in every queue).
 WITH targets AS (
     SELECT DISTINCT b.queue
     FROM {schema}.bindings b
@@ -33,12 +41,16 @@ WITH targets AS (
           END
 ), ins AS (
     INSERT INTO {schema}.messages
-        (queue, priority, visible_at, expires_at, payload, task_id, task_name, max_attempts)
+        (queue, priority, visible_at, expires_at, payload, task_id, task_name, max_attempts, unique_key)
     SELECT t.queue, %(priority)s, coalesce(%(eta)s::timestamptz, now()),
            least(now() + q.message_ttl, now() + %(ttl_ms)s * interval '1 millisecond'),
-           %(payload)s, %(task_id)s, %(task_name)s, %(max_attempts)s
+           %(payload)s, %(task_id)s, %(task_name)s, %(max_attempts)s, %(unique_key)s
     FROM targets t
     LEFT JOIN {schema}.queues q ON q.name = t.queue
+    ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL DO UPDATE
+    SET payload = excluded.payload, priority = excluded.priority, visible_at = excluded.visible_at,
+        expires_at = excluded.expires_at, task_id = excluded.task_id
+    WHERE %(unique_replace)s AND messages.lease_token IS NULL
     RETURNING queue
 )
 SELECT pg_notify(%(channel)s, queue) FROM (SELECT DISTINCT queue FROM ins) AS woken

@@ -23,7 +23,7 @@ from kombu.transport.virtual.exchange import TopicExchange
 from kombu.utils.json import dumps, loads
 from psycopg_pool import PoolTimeout
 
-from . import config, database
+from . import atomic, config, counters, database
 from .database import error_entry
 from .listener import Listener
 
@@ -32,6 +32,10 @@ logger = logging.getLogger(__name__)
 MAX_PRIORITY = 255
 #: Header carrying a per-message delivery cap (the Celery integration sets it from the task).
 MAX_ATTEMPTS_HEADER = "x-kombu-pg-max-attempts"
+#: Deduplication: while a message with this key waits or runs in the queue, another one with
+#: the same key is dropped, or, with the mode header set to "replace", replaces the waiting one.
+UNIQUE_KEY_HEADER = "x-kombu-pg-unique-key"
+UNIQUE_MODE_HEADER = "x-kombu-pg-unique-mode"
 
 
 def parse_tag(delivery_tag: str) -> tuple[int, str | None]:
@@ -73,6 +77,8 @@ class QoS(virtual.QoS):
         if requeue:
             outcome = db.fail(message_id, token, error_entry("Requeued", "rejected with requeue by the consumer"),
                               queue=self._queue_of(delivery_tag))
+            if outcome:
+                counters.add("requeued", self._queue_of(delivery_tag))
             if outcome and outcome["retry_at"]:
                 logger.info("kombu_pg: message %s requeued (attempt %d of %d), visible at %s", message_id,
                             outcome["attempt"], outcome["max_attempts"], outcome["retry_at"])
@@ -90,9 +96,11 @@ class QoS(virtual.QoS):
         message_id, token = parse_tag(delivery_tag)
         db = self.channel.db
         try:
-            db.run(getattr(db.q, statement), {"ids": [message_id], "tokens": [token]})
+            settled = db.run(getattr(db.q, statement), {"ids": [message_id], "tokens": [token]})
         finally:
             db.leases.forget([message_id])
+        if settled:
+            counters.add("acked" if statement == "ack" else "released", self._queue_of(delivery_tag))
         logger.debug("kombu_pg: %s message %s", statement, message_id)
 
 
@@ -113,12 +121,22 @@ class Channel(virtual.Channel):
     def basic_publish(self, message, exchange, routing_key, **kwargs):
         self._inplace_augment_message(message, exchange, routing_key)
         params = self._publish_params(message)
-        if not exchange:  # the default exchange: the routing key names the queue
-            self.db.run(self.db.q.publish_direct, dict(params, queue=routing_key), fetch=True)
-            return
-        queues = self.db.run(self.db.q.publish_routed,
-                             dict(params, exchange=exchange, routing_key=routing_key), fetch=True)
-        if not queues:
+        if exchange:
+            query, params = self.db.q.publish_routed, dict(params, exchange=exchange, routing_key=routing_key)
+        else:  # the default exchange: the routing key names the queue
+            query, params = self.db.q.publish_direct, dict(params, queue=routing_key)
+        external = atomic.current()
+        if external is not None:  # inside enqueue_in(): the application's transaction
+            queues = external.execute(query, params).fetchall()
+        else:
+            queues = self.db.run(query, params, fetch=True)
+        for (queue,) in queues:
+            counters.add("published", queue)
+        if not queues and params["unique_key"] is not None:
+            counters.add("duplicates_dropped", params.get("queue") or exchange)
+            logger.info("kombu_pg: message with unique key %r dropped: one is already waiting or "
+                        "running", params["unique_key"])
+        elif not queues and exchange:
             # As with AMQP, nothing stores it. A direct exchange without a queue is a routing
             # mistake worth a warning; events and broadcasts nobody listens to are normal.
             direct = self.state.exchanges.get(exchange, {}).get("type", "direct") == "direct"
@@ -135,7 +153,10 @@ class Channel(virtual.Channel):
         expiration = props.get("expiration")
         headers = message.get("headers") or {}
         max_attempts = headers.get(MAX_ATTEMPTS_HEADER)
+        unique_key = headers.get(UNIQUE_KEY_HEADER, props.get(UNIQUE_KEY_HEADER))
         return {
+            "unique_key": str(unique_key) if unique_key is not None else None,
+            "unique_replace": (headers.get(UNIQUE_MODE_HEADER) or props.get(UNIQUE_MODE_HEADER)) == "replace",
             "task_id": headers.get("id"),
             "task_name": headers.get("task"),
             "max_attempts": int(max_attempts) if max_attempts else None,
@@ -160,6 +181,8 @@ class Channel(virtual.Channel):
                             "max_attempts": self.options.policy(queue)["max_attempts"],
                             "lease_seconds": self.options.visibility_timeout}, fetch=True)
         rows.sort(key=lambda row: (-row[3], row[0]))  # RETURNING has no order
+        if rows:
+            counters.add("delivered", queue, len(rows))
         return [self._to_payload(queue, *row) for row in rows]
 
     def _to_payload(self, queue, message_id, token, delivery_count, priority, payload, released) -> dict:
@@ -222,7 +245,8 @@ class Channel(virtual.Channel):
             logger.info("kombu_pg: message %s is still being processed: keeping its lease", message_id)
             return
         try:
-            self.db.run(self.db.q.release, {"ids": [message_id], "tokens": [token]})
+            if self.db.run(self.db.q.release, {"ids": [message_id], "tokens": [token]}):
+                counters.add("released", (message.delivery_info.get("kombu_pg") or {}).get("queue", ""))
             logger.info("kombu_pg: released message %s (task %s) unprocessed, back in queue %r",
                         message_id, (message.headers or {}).get("id"),
                         (message.delivery_info.get("kombu_pg") or {}).get("queue"))

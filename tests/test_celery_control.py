@@ -12,7 +12,7 @@ def test_inspect_ping_and_shutdown_one_worker(make_app, procs, env):
     w2 = procs.worker(app, name="w2", pool="solo", concurrency=1)
 
     # With destinations the command returns as soon as both replied.
-    ping = procs.celery(app, "inspect", "ping", "-d", f"{w1.hostname},{w2.hostname}", "--timeout", "10")
+    ping = procs.celery(app, "inspect", "ping", "-d", f"{w1.hostname},{w2.hostname}", "--timeout", "5")
     assert ping.returncode == 0, ping.stdout + ping.stderr
     assert f"w1@{HOST}" in ping.stdout and f"w2@{HOST}" in ping.stdout, ping.stdout
     assert ping.stdout.count("pong") == 2, ping.stdout
@@ -24,7 +24,7 @@ def test_inspect_ping_and_shutdown_one_worker(make_app, procs, env):
     assert "Got shutdown from remote" in w2.log()
     assert w1.alive()
 
-    ping = procs.celery(app, "inspect", "ping", "-d", w1.hostname, "--timeout", "10")
+    ping = procs.celery(app, "inspect", "ping", "-d", w1.hostname, "--timeout", "5")
     assert ping.returncode == 0 and f"w1@{HOST}" in ping.stdout, ping.stdout + ping.stderr
     ping = procs.celery(app, "inspect", "ping", "-d", w2.hostname, "--timeout", "1")
     assert ping.returncode != 0 and "No nodes replied" in ping.stderr, ping.stdout + ping.stderr
