@@ -6,6 +6,7 @@ connection inherited across fork would end the parent's session), and new ones a
 """
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import json
 import logging
@@ -19,6 +20,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import counters, migrate
 from .config import ConfigurationError, Options, scrub
+from .acker import Acker
 from .leases import LeaseKeeper
 from .queries import Queries, for_schema
 
@@ -38,6 +40,7 @@ class Database:
         self._pool_lock = threading.Lock()
         self._ready = False
         self.leases = LeaseKeeper(self)
+        self.acker = Acker(self)
 
     # -- connections ------------------------------------------------------------------------
 
@@ -151,6 +154,7 @@ class Database:
         return rows
 
     def close(self) -> None:
+        self.acker.stop()
         self.leases.stop()
         if self._pool is not None:
             self._pool.close()
@@ -158,6 +162,13 @@ class Database:
 
 
 _registry: dict[tuple, Database] = {}
+
+
+@atexit.register
+def _flush_acks_at_exit() -> None:
+    if os.getpid() == _registry_pid:
+        for db in list(_registry.values()):
+            db.acker.flush(timeout=5)
 _registry_pid = os.getpid()
 _inherited: list[Database] = []  # kept referenced, never closed: they belong to the parent
 _registry_lock = threading.Lock()

@@ -65,7 +65,10 @@ class QoS(virtual.QoS):
         self.channel.db.leases.hold(message_id, token)
 
     def ack(self, delivery_tag):
-        self._settle(delivery_tag, "ack")
+        message_id, token = parse_tag(delivery_tag)
+        db = self.channel.db
+        db.leases.forget([message_id])
+        db.acker.ack(message_id, token, self._queue_of(delivery_tag))
         super().ack(delivery_tag)
 
     def reject(self, delivery_tag, requeue=False):
@@ -91,17 +94,6 @@ class QoS(virtual.QoS):
         message = self._delivered.get(delivery_tag)
         info = message.delivery_info if message is not None else {}
         return (info.get("kombu_pg") or {}).get("queue") or info.get("routing_key") or ""
-
-    def _settle(self, delivery_tag, statement):
-        message_id, token = parse_tag(delivery_tag)
-        db = self.channel.db
-        try:
-            settled = db.run(getattr(db.q, statement), {"ids": [message_id], "tokens": [token]})
-        finally:
-            db.leases.forget([message_id])
-        if settled:
-            counters.add("acked" if statement == "ack" else "released", self._queue_of(delivery_tag))
-        logger.debug("kombu_pg: %s message %s", statement, message_id)
 
 
 class Channel(virtual.Channel):
@@ -401,6 +393,7 @@ class Transport(virtual.Transport):
     def close_connection(self, connection):
         try:
             super().close_connection(connection)
+            self.db.acker.flush()
         finally:
             self._unregister()
             if self._listener is not None:
