@@ -11,6 +11,7 @@ an embedded throw-away PostgreSQL server.
 """
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +39,7 @@ def ensure_venv() -> None:
         try:
             venv.EnvBuilder(with_pip=True).create(VENV)
         except Exception as exc:
+            shutil.rmtree(VENV, ignore_errors=True)  # a half-made venv would be reused
             # Debian/Ubuntu ship ensurepip separately from python3.
             sys.exit(f"dev.py: could not create the virtualenv ({exc}).\n"
                      "On Debian/Ubuntu: sudo apt install python3-venv")

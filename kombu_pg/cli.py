@@ -41,11 +41,27 @@ class Target:
             raise click.ClickException(str(exc)) from None
 
 
+def _remember(ctx, param, value):
+    if value is not None:
+        ctx.meta[f"kombu_pg.{param.name}"] = value
+    return value
+
+
+def target_options(f):
+    """--url/--schema, accepted before or after the command name."""
+    f = click.option("--schema", callback=_remember, expose_value=False, envvar="KOMBU_PG_SCHEMA",
+                     help=f"PostgreSQL schema of the broker tables [default: {config.Options.schema}].")(f)
+    return click.option("--url", callback=_remember, expose_value=False, envvar="KOMBU_PG_URL",
+                        help="Broker URL, postgresql://user:pass@host:port/db (env KOMBU_PG_URL).")(f)
+
+
 def _target(ctx: click.Context) -> Target:
-    target = ctx.find_object(Target) or ctx.meta.get("kombu_pg.target")
-    if target is None:
+    app_target = ctx.meta.get("kombu_pg.target")  # set by `celery -A app pg`
+    url = ctx.meta.get("kombu_pg.url") or (app_target.url if app_target else None)
+    if not url:
         raise click.UsageError("no broker URL: pass --url or set KOMBU_PG_URL")
-    return target
+    schema = ctx.meta.get("kombu_pg.schema") or (app_target.schema if app_target else config.Options.schema)
+    return Target(url, schema)
 
 
 def _run(fn, *args, **kwargs):
@@ -57,16 +73,13 @@ def _run(fn, *args, **kwargs):
 
 
 @click.group(help="Manage a kombu-pg PostgreSQL broker.")
-@click.option("--url", envvar="KOMBU_PG_URL", required=True,
-              help="Broker URL, postgresql://user:pass@host:port/db (env KOMBU_PG_URL).")
-@click.option("--schema", default=config.Options.schema, show_default=True, envvar="KOMBU_PG_SCHEMA",
-              help="PostgreSQL schema of the broker tables.")
-@click.pass_context
-def main(ctx, url, schema):
-    ctx.obj = Target(url, schema)
+@target_options
+def main():
+    pass
 
 
 @click.command(help="Create or upgrade the broker tables (idempotent).")
+@target_options
 @click.pass_context
 def migrate(ctx):
     target = _target(ctx)
@@ -85,6 +98,7 @@ def migrate(ctx):
 
 @click.command(help="Per queue: ready, delayed and leased messages, oldest ready age; dead letters by reason.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@target_options
 @click.pass_context
 def stats(ctx, as_json):
     data = _run(_target(ctx).admin().stats)
@@ -125,6 +139,7 @@ def dlq():
 @click.option("--after", type=int, default=0, show_default=True, help="Start after this id.")
 @click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+@target_options
 @click.pass_context
 def dlq_list(ctx, queue, task, reason, older_than, newer_than, replayed, after, limit, as_json):
     rows = _run(_target(ctx).admin().dead_letters, Filter(queue, task, reason, older_than, newer_than, replayed),
@@ -145,6 +160,7 @@ def dlq_list(ctx, queue, task, reason, older_than, newer_than, replayed, after, 
 
 @dlq.command("show", help="Show one dead letter: message, headers, error history.")
 @click.argument("dead_letter_id", type=int)
+@target_options
 @click.pass_context
 def dlq_show(ctx, dead_letter_id):
     letter = _run(_target(ctx).admin().dead_letter, dead_letter_id)
@@ -158,6 +174,7 @@ def dlq_show(ctx, dead_letter_id):
 @click.argument("ids", type=int, nargs=-1)
 @_filter_options
 @click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter matching the filters.")
+@target_options
 @click.pass_context
 def dlq_replay(ctx, ids, queue, task, reason, older_than, newer_than, replay_all):
     if not ids and not replay_all:
@@ -174,6 +191,7 @@ def dlq_replay(ctx, ids, queue, task, reason, older_than, newer_than, replay_all
 @_filter_options
 @click.option("--replayed", is_flag=True, help="Only dead letters that were replayed.")
 @click.option("--all", "purge_all", is_flag=True, help="Needed to purge without --older-than/--replayed.")
+@target_options
 @click.pass_context
 def dlq_purge(ctx, queue, task, reason, older_than, newer_than, replayed, purge_all):
     if older_than is None and not replayed and not purge_all:

@@ -131,7 +131,9 @@ class Channel(virtual.Channel):
         elif not queues and exchange:
             # As with AMQP, nothing stores it. A direct exchange without a queue is a routing
             # mistake worth a warning; events and broadcasts nobody listens to are normal.
-            direct = self.state.exchanges.get(exchange, {}).get("type", "direct") == "direct"
+            # Celery's control replies (reply.celery.pidbox) to a client that left are normal too.
+            direct = (self.state.exchanges.get(exchange, {}).get("type", "direct") == "direct"
+                      and not exchange.endswith("pidbox"))
             logger.log(logging.WARNING if direct else logging.DEBUG,
                        "kombu_pg: message to exchange %r with routing key %r matched no queue: "
                        "not stored", exchange, routing_key)
@@ -470,7 +472,14 @@ class Transport(virtual.Transport):
                 if not channel.qos.can_consume():
                     break
                 limit = channel.qos.can_consume_max_estimate()
-                limit = self.options.claim_batch if limit is None else min(limit, self.options.claim_batch)
+                prefetch = channel.qos.prefetch_count
+                if limit is None:
+                    limit = self.options.claim_batch
+                elif limit < prefetch and limit < max(1, prefetch // 2):
+                    # Still holding more than half the prefetch: wait and claim a bigger batch
+                    # later, rather than one message per claim as each ack frees a slot.
+                    continue
+                limit = min(limit, self.options.claim_batch)
                 messages = channel.claim(queue, limit)
                 if len(messages) < limit:
                     self._ready.discard(queue)  # drained: wait for a wake-up or the next poll
