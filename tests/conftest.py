@@ -184,6 +184,11 @@ class Env:
     def message_count(self, queue: str | None = None) -> int:
         return len(self.messages(queue))
 
+    def wait_count(self, queue: str | None, count: int, timeout: float = 10.0) -> None:
+        """Acks may be applied asynchronously (batched): poll until the queue has ``count`` rows."""
+        wait_for(lambda: self.message_count(queue) == count, timeout, interval=0.05,
+                 what=lambda: f"{count} message row(s) in {queue or 'all queues'} (have {self.message_count(queue)})")
+
     def queue_names(self) -> set[str]:
         if not self.broker_ready():
             return set()
@@ -354,7 +359,8 @@ class AppHandle:
 def make_app(env, tmp_path):
     """Factory: write a Celery app module into tmp_path, import it here, return an AppHandle.
 
-    ``make_app(visibility_timeout=2, url_params={'application_name': 'x'}, conf={...})``.
+    ``make_app(visibility_timeout=2, url_params={'application_name': 'x'}, conf={...})``;
+    ``extra_source`` is task code appended to the generated module.
     The result backend tables are created here, once, before any worker starts (two workers
     creating them at once would race).
     """
@@ -363,7 +369,7 @@ def make_app(env, tmp_path):
 
     def make(visibility_timeout: float | None = None, url_params: dict | None = None,
              conf: dict | None = None, transport_options: dict | None = None,
-             broker_url: str | None = None) -> AppHandle:
+             broker_url: str | None = None, extra_source: str = "") -> AppHandle:
         name = unique("kpapp_")
         if callable(conf):  # conf may need the module name (task names): conf(name) -> dict
             conf = conf(name)
@@ -379,6 +385,8 @@ def make_app(env, tmp_path):
             result_backend=sqlalchemy_url(env.url), transport_options=options,
             app_schema=env.app_schema, runs_table=f'"{env.app_schema}".runs',
             extra_conf=dict(conf or {}))
+        if extra_source:  # more task code, appended to the module (may use app, record, ...)
+            source += "\n\n" + textwrap.dedent(extra_source)
         path = tmp_path / f"{name}.py"
         path.write_text(source)
         importlib.invalidate_caches()

@@ -84,4 +84,4 @@ def test_celery_purge_removes_ready_and_keeps_leased(make_app, procs, env, kombu
     # The holder can still settle them.
     for message in held:
         message.ack()
-    assert env.message_count("celery") == 0
+    env.wait_count("celery", 0)

@@ -55,7 +55,7 @@ def test_priority_higher_first(env, kombu_conn):
         order.append(message.payload["p"])
         message.ack()
     assert order == [9, 9, 5, 3, 1, 0]
-    assert env.message_count("prio") == 0
+    env.wait_count("prio", 0)
 
 
 def test_message_expiration(env, kombu_conn):
@@ -87,11 +87,11 @@ def test_queue_declare_counts_ready_messages(env, kombu_conn):
     held = take(other, queue, 2, prefetch=2)
     # Like AMQP's message_count: leased (unacked) messages are not counted.
     assert ready_count(conn, queue) == 3
-    assert env.message_count("counts") == 5
+    env.wait_count("counts", 5)
     for message in held:
         message.ack()
     assert ready_count(conn, queue) == 3
-    assert env.message_count("counts") == 3
+    env.wait_count("counts", 3)
 
 
 def test_purge_removes_ready_only(env, kombu_conn):
@@ -109,7 +109,7 @@ def test_purge_removes_ready_only(env, kombu_conn):
     # The leased ones are still the consumer's to settle.
     for message in held:
         message.ack()
-    assert env.message_count("purgeq") == 0
+    env.wait_count("purgeq", 0)
 
 
 def test_queue_delete(env, kombu_conn):
@@ -120,10 +120,10 @@ def test_queue_delete(env, kombu_conn):
     assert "gone" in env.queue_names()
     queue(conn.default_channel).delete()
     assert "gone" not in env.queue_names()
-    assert env.message_count("gone") == 0
+    env.wait_count("gone", 0)
     # The binding went with the queue: a new publish is not stored for it.
     publish(conn, queue, "late")
-    assert env.message_count("gone") == 0
+    env.wait_count("gone", 0)
     with pytest.raises(Exception):
         conn.default_channel.queue_declare(queue="gone", passive=True)
 
@@ -147,7 +147,7 @@ def test_reject_requeue_releases_same_row(env, kombu_conn):
     assert again.payload == "once"
     assert again.delivery_info.get("redelivered") is True
     again.ack()
-    assert env.message_count("requeue") == 0
+    env.wait_count("requeue", 0)
     with pytest.raises(Empty):
         simple.get(timeout=0.3)
 
@@ -158,7 +158,7 @@ def test_reject_without_requeue_deletes(env, kombu_conn):
     publish(conn, queue, "x")
     simple = conn.SimpleQueue(queue)
     simple.get(timeout=5).reject()
-    assert env.message_count("dead") == 0
+    env.wait_count("dead", 0)
 
 
 def test_closing_connection_gives_unacked_message_back(env, kombu_conn):
@@ -175,4 +175,4 @@ def test_closing_connection_gives_unacked_message_back(env, kombu_conn):
     assert message.payload == "lease"
     assert message.delivery_info.get("redelivered") is True
     message.ack()
-    wait_for(lambda: env.message_count("vt") == 0, 5, what="the ack to delete the row")
+    env.wait_count("vt", 0)
