@@ -8,7 +8,7 @@ from celery import signals
 from kombu_pg.config import SCHEMES
 from kombu_pg.transport import MAX_ATTEMPTS_HEADER, Transport
 
-from . import consumer, retries
+from . import consumer, metrics, retries
 
 logger = logging.getLogger("kombu_pg")
 
@@ -42,6 +42,7 @@ def install(app) -> dict:
     signals.worker_init.connect(_announce, weak=False, dispatch_uid="kombu_pg.announce")
     signals.before_task_publish.connect(_publish_max_attempts, weak=False, dispatch_uid="kombu_pg.publish")
     app.on_after_finalize.connect(_wrap_tasks, weak=False, dispatch_uid="kombu_pg.wrap")
+    app.steps["worker"].add(metrics.WorkerMetrics)  # /metrics, when a port is configured
     app._kombu_pg_installed = True
     # Added as a defaults layer in front of Celery's own, so keys the user set anywhere (conf,
     # a config module) are left alone, now and if they change later.

@@ -24,6 +24,19 @@ logger = logging.getLogger("kombu_pg")
 #: Exceptions that steer Celery rather than report a failure.
 CONTROL_FLOW = (Retry, Ignore)
 
+#: Set on a task's exception once its message went to the dead letters (value: the reason). It
+#: travels with the exception from a prefork child to the worker's main process, which counts
+#: it for the metrics (celery_ext.metrics); pickling keeps an exception's attributes.
+DEAD_LETTERED_ATTR = "_kombu_pg_dead_lettered"
+
+
+class ServerSideRetry(Retry):
+    """The Retry raised after a failed attempt was recorded in PostgreSQL for a retry.
+
+    A Retry all the same for Celery; its own class (kept when pickled back from a prefork child)
+    lets the worker's main process tell it from a task's own ``self.retry()`` (metrics).
+    """
+
 _databases: dict = {}
 
 
@@ -92,7 +105,7 @@ def wrap(task) -> None:
             retry_at = _fail(task, exc)
             if retry_at is None:
                 raise
-            raise Retry(exc=exc, when=retry_at) from exc
+            raise ServerSideRetry(exc=exc, when=retry_at) from exc
 
     task._kombu_pg_run = run
     task.run = run_with_server_side_retries
@@ -123,6 +136,7 @@ def _fail(task, exc):
     logger.error("kombu_pg: task %s[%s] failed (attempt %d of %d, queue %r): %r; dead-lettered "
                  "(max_attempts) as #%s", task.name, task.request.id, outcome["attempt"],
                  outcome["max_attempts"], delivery["queue"], exc, outcome["dead_letter_id"])
+    _mark_dead_lettered(exc, "max_attempts")
     return None
 
 
@@ -131,6 +145,14 @@ def _dead_letter(task, reason: str, exc: BaseException) -> None:
     db = delivery and database_for(task.app)
     if db:
         try:
-            db.dead_letter(delivery["id"], delivery["token"], reason, error_of(task, exc))
+            if db.dead_letter(delivery["id"], delivery["token"], reason, error_of(task, exc)):
+                _mark_dead_lettered(exc, reason)
         except Exception as db_exc:
             logger.error("kombu_pg: could not dead-letter task %s: %s", task.request.id, db_exc)
+
+
+def _mark_dead_lettered(exc: BaseException, reason: str) -> None:
+    try:
+        setattr(exc, DEAD_LETTERED_ATTR, reason)
+    except Exception:  # an exception type without a __dict__: not counted by the main process
+        pass

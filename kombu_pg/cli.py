@@ -9,7 +9,7 @@ import sys
 import click
 import psycopg
 
-from . import config
+from . import beat_admin, config
 from . import migrate as migrations
 from .admin import Admin, Filter
 
@@ -201,7 +201,28 @@ def dlq_purge(ctx, queue, task, reason, older_than, newer_than, replayed, purge_
     click.echo(f"purged {deleted} dead letter(s)")
 
 
-COMMANDS = (migrate, stats, dlq)
+@click.command("metrics", help="Serve Prometheus metrics of the broker on /metrics: per queue ready, "
+                                "delayed and leased messages, oldest ready age; dead letters by reason.")
+@click.option("--port", type=click.IntRange(0, 65535), default=9808, show_default=True,
+              help="Port to listen on (0: any free port).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: all interfaces).")
+@target_options
+@click.pass_context
+def metrics_command(ctx, port, host):
+    target = _target(ctx)
+    target.admin()  # a broken URL fails here, in one line
+    try:
+        from . import metrics as exporter
+    except ImportError as exc:
+        raise click.ClickException(f"{exc}: install the extra, pip install 'kombu-pg[metrics]'") from None
+    try:
+        exporter.serve_forever(target.url, target.schema, port=port, host=host, echo=click.echo)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from None
+
+
+COMMANDS = (migrate, stats, dlq, metrics_command, beat_admin.build())
 for _command in COMMANDS:
     main.add_command(_command)
 

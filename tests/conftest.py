@@ -337,6 +337,15 @@ def slow_first_time(self, label, seconds):
     if not (self.request.delivery_info or {{}}).get("redelivered"):
         time.sleep(seconds)
     return label
+
+
+@app.task(bind=True, acks_late=True)
+def slow_on(self, label, hostname, seconds):
+    """Acked after it runs; sleeps only on the worker named ``hostname``."""
+    record(self, label)
+    if self.request.hostname == hostname:
+        time.sleep(seconds)
+    return label
 '''
 
 

@@ -174,3 +174,21 @@ def test_wrong_password_gives_one_line_error_without_password(password_server, p
         simple = conn.SimpleQueue("pw")
         simple.put(1)
         simple.get(timeout=5).ack()
+
+
+# --- the same errors as a Celery user sees them ---------------------------------------------
+
+def test_worker_with_unknown_transport_option_exits_naming_it(make_app, procs):
+    app = make_app(transport_options={"visibilty_timeout": 5})  # sic: a typo
+    worker = procs.worker(app, wait=False)
+    assert worker.wait_exit(60) != 0
+    assert "unknown transport option 'visibilty_timeout'" in worker.log()
+
+
+def test_worker_with_wrong_password_logs_reason_not_password(password_server, make_app, procs):
+    secret = "Wr0ngW0rkerPw-abc"
+    app = make_app(broker_url=password_server(secret))
+    worker = procs.worker(app, wait=False)
+    wait_for(lambda: "password authentication failed" in worker.log(), 60,
+             what=lambda: f"the worker to log the authentication failure:\n{worker.log()[-2000:]}")
+    assert secret not in worker.log()

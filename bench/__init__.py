@@ -1,0 +1,1 @@
+"""Benchmarks of kombu-pg against other Kombu brokers: run with ``python -m bench.run``."""

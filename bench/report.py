@@ -1,0 +1,233 @@
+"""The README's benchmark section and plots, from bench/results.json.
+
+    python -m bench.report [--results bench/results.json] [--readme README.md]
+
+Replaces the text between <!-- bench:start --> and <!-- bench:end --> in the README; without
+those markers the section is printed to stdout and the README is left alone. Writes
+bench/throughput.png and bench/latency.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python bench/report.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.brokers import REFERENCE  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+THROUGHPUT_PNG, LATENCY_PNG = HERE / "throughput.png", HERE / "latency.png"
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and abs(value) < 100:
+        return f"{value:.3g}"
+    return f"{value:,.0f}"
+
+
+def cell(s: dict, broker: str) -> str:
+    text = f"{fmt(s['median'])}"
+    if s["n"] > 1:
+        text += f" [{fmt(s['min'])}–{fmt(s['max'])}]"
+    ratio = s.get("ratio_to_kombu_pg")
+    if broker != REFERENCE and ratio is not None:
+        text += f" (×{ratio:.2f})"
+    return text
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def scenario_table(scenario: dict) -> list[str]:
+    summary = scenario["summary"]
+    brokers = [b for b in scenario["brokers"] if b in summary]
+    metrics = list(dict.fromkeys(m for b in brokers for m in summary[b]))  # the scenario's order
+    rows = [[f"`{m}`"] + [cell(summary[b][m], b) if m in summary[b] else "–" for b in brokers]
+            for m in metrics]
+    lines = table(["metric"] + brokers, rows)
+    failed = [r for r in scenario["runs"] if r["error"]]
+    for run in failed:
+        lines.append(f"\nFailed: {run['broker']} run {run['rep'] + 1}: `{run['error'].splitlines()[0][:160]}`")
+    return lines
+
+
+def limit_table(results: dict) -> list[str]:
+    """kombu-pg's Python path against the same SQL run by pgbench."""
+    scenarios = results["scenarios"]
+    limit = scenarios.get("pgbench_limit", {}).get("summary", {}).get(REFERENCE)
+    if not limit:
+        return []
+
+    def median(scenario, metric):
+        s = scenarios.get(scenario, {}).get("summary", {}).get(REFERENCE, {}).get(metric)
+        return s["median"] if s else None
+
+    pairs = [("publish, one producer (`kombu_publish`)", median("kombu_publish", "msgs_per_s"),
+              "insert_routed"),
+             ("consume+ack, one consumer (`kombu_consume`)", median("kombu_consume", "msgs_per_s"),
+              "claim1_ack"),
+             ("consume+ack, one consumer (`kombu_consume`)", median("kombu_consume", "msgs_per_s"),
+              "claim100_ack")]
+    rows = []
+    for what, transport, script in pairs:
+        sql = limit.get(f"{script}.msgs_per_s", {}).get("median")
+        share = f"{transport / sql:.0%}" if transport and sql else "–"
+        rows.append([what, fmt(transport), f"`{script}`: {fmt(sql)}", share])
+    return ["kombu-pg through Kombu against its own statements run by pgbench (messages/s):", ""] + \
+        table(["path", "kombu-pg", "pgbench (2 clients)", "transport / pgbench"], rows)
+
+
+def machine_lines(meta: dict) -> list[str]:
+    m = meta["machine"]
+    rows = [["date (UTC)", m["date"]], ["CPU", f"{m['cpu']}, {m['cores']} cores"],
+            ["memory", f"{m['memory_gb']} GB"], ["OS", m["os"]], ["Python", m["python"]],
+            ["packages", ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v)],
+            ["kombu-pg commit", f"{m['git']['commit']}" + (" + uncommitted transport changes"
+                                                         if m["git"]["transport_modified"] else "")],
+            ["load average (1/5/15 min) at start / end",
+             f"{' '.join(f'{x:.2f}' for x in m['loadavg_at_start'])} / "
+             f"{' '.join(f'{x:.2f}' for x in m.get('loadavg_at_end', []))}"]]
+    for name, info in meta["brokers"].items():
+        if "postgresql" in info:
+            pg = info["postgresql"]
+            text = (f"PostgreSQL {pg['server_version']}: fsync={pg['fsync']}, synchronous_commit="
+                    f"{pg['synchronous_commit']}, wal_sync_method={pg['wal_sync_method']}, "
+                    f"shared_buffers={pg['shared_buffers']}")
+        elif "redis_version" in info:
+            text = (f"Redis {info['redis_version']}: appendonly={info.get('appendonly')}, "
+                    f"appendfsync={info.get('appendfsync')}, save='{info.get('save')}'")
+        elif "rabbitmq_version" in info:
+            text = f"RabbitMQ {info['rabbitmq_version']}"
+        else:
+            text = f"unavailable: {info.get('unavailable')}"
+        rows.append([f"broker `{name}`", text])
+    return table(["", ""], rows)
+
+
+METHOD = """\
+Every scenario runs against each broker in turn, alternating broker by broker (A B C D A B C D
+...) for {repeat} repetition(s), so that slow phases of the machine hit all brokers alike.
+Each run gets a namespace of its own that is removed afterwards (a PostgreSQL schema for
+kombu-pg, a database for the SQLAlchemy transport, a dedicated Redis database, tagged queue and
+exchange names on RabbitMQ). Producers and consumers are separate, freshly spawned Python
+processes; connecting is not timed. Messages are small (~100-byte JSON bodies), persistent, sent
+through a durable direct exchange as Celery sends them. Tables show the median over the
+repetitions, [min–max] when there were several, and (×r) the ratio of the broker's median to
+kombu-pg's (for throughputs, above 1 is faster than kombu-pg; for latencies and memory, above 1
+is more). Durability differs by design: kombu-pg and the SQLAlchemy transport commit every
+publish and ack to PostgreSQL (settings below; fsync must be on or the harness refuses to run);
+RabbitMQ stores persistent messages without publisher confirms; Redis persists per its own
+settings below."""
+
+
+def section(results: dict) -> str:
+    meta = results["meta"]
+    out = ["## Benchmarks", "",
+           f"Generated by `python -m bench.report` from `bench/results.json` "
+           f"({meta['mode']} sizes, {meta['repeat']} repetition(s)); "
+           f"rerun with `python -m bench.run --repeat 5 && python -m bench.report`."]
+    if not meta.get("valid", True):
+        out += ["", "**These results are invalid: PostgreSQL ran with fsync off.**"]
+    out += ["", "### Method", "", METHOD.format(repeat=meta["repeat"]), "", "### Machine", ""]
+    out += machine_lines(meta)
+    out += ["", "### Results", "", "![throughput](bench/throughput.png)", "",
+            "![latency](bench/latency.png)"]
+    for name, scenario in results["scenarios"].items():
+        # The scenario's docstring says what it measures; its first line starts with its name.
+        first, *rest = scenario["doc"].split("\n\n")
+        out += ["", f"#### {name}", "", first.split(":", 1)[-1].strip()]
+        for paragraph in rest:
+            out += ["", paragraph]
+        out += ["", "Parameters: " + ", ".join(f"`{k}={v}`" for k, v in scenario["params"].items()), ""]
+        out += scenario_table(scenario)
+        if name == "pgbench_limit":
+            out += [""] + limit_table(results)
+    return "\n".join(out) + "\n"
+
+
+# -- plots ------------------------------------------------------------------------------------
+
+def bars(results: dict, picks: list[tuple[str, str]], path: Path, ylabel: str, title: str) -> bool:
+    """Grouped bars, one group per (scenario, metric), one bar per broker, min-max as error bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picks = [(s, m) for s, m in picks if any(m in b for b in results["scenarios"][s]["summary"].values())]
+    if not picks:
+        return False
+    brokers = list(dict.fromkeys(b for s, _ in picks for b in results["scenarios"][s]["summary"]))
+    width = 0.8 / len(brokers)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(picks) + 2), 4.5))
+    for i, broker in enumerate(brokers):
+        xs, ys, lo, hi = [], [], [], []
+        for x, (scenario, metric) in enumerate(picks):
+            s = results["scenarios"][scenario]["summary"].get(broker, {}).get(metric)
+            if s and s["median"] > 0:
+                xs.append(x + (i - (len(brokers) - 1) / 2) * width)
+                ys.append(s["median"])
+                lo.append(s["median"] - s["min"])
+                hi.append(s["max"] - s["median"])
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=broker)
+    ax.set_xticks(range(len(picks)))
+    ax.set_xticklabels([f"{s}\n{m}" for s, m in picks], rotation=30, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot(results: dict) -> list[Path]:
+    scenarios = results["scenarios"]
+    metrics = {name: list(dict.fromkeys(m for b in s["summary"].values() for m in b))
+               for name, s in scenarios.items()}
+    throughput = [(name, m) for name, ms in metrics.items() if name != "pgbench_limit"
+                  for m in ms if m.endswith(("msgs_per_s", "tasks_per_s"))]
+    latency = [(name, m) for name, ms in metrics.items() if name in ("latency", "celery_e2e")
+               for m in ms if m.endswith(("_p50_ms", "_p99_ms"))]
+    written = []
+    if bars(results, throughput, THROUGHPUT_PNG, "messages or tasks per second (log)",
+            "Throughput (median, min–max)"):
+        written.append(THROUGHPUT_PNG)
+    if bars(results, latency, LATENCY_PNG, "milliseconds (log)", "Latency (median over runs, min–max)"):
+        written.append(LATENCY_PNG)
+    return written
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, default=HERE / "results.json")
+    ap.add_argument("--readme", type=Path, default=HERE.parent / "README.md")
+    args = ap.parse_args(argv)
+    results = json.loads(args.results.read_text())
+    for path in plot(results):
+        print(f"wrote {path}", file=sys.stderr)
+    text = section(results)
+    readme = args.readme.read_text() if args.readme.exists() else ""
+    if START in readme and END in readme and readme.index(START) < readme.index(END):
+        before, rest = readme.split(START, 1)
+        after = rest.split(END, 1)[1]
+        args.readme.write_text(f"{before}{START}\n{text}{END}{after}")
+        print(f"updated the benchmark section of {args.readme}", file=sys.stderr)
+    else:
+        print(text)
+        print(f"{args.readme} has no {START} ... {END} markers: section printed above, README "
+              "left unchanged", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

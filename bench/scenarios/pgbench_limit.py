@@ -1,0 +1,117 @@
+"""pgbench_limit: the transport's own statements run by pgbench, with no Python in between.
+
+The scripts are made from kombu_pg/queries.sql at run time: every %(name)s placeholder is
+replaced by a literal (the values the transport sends for a small message, defaults from
+kombu_pg.config.Options) or by a pgbench variable. Each statement runs in its own transaction
+(autocommit), as the transport runs them. Scripts:
+- insert_direct / insert_routed: publish one message (publish_direct / publish_routed);
+- claim1_ack: claim 1 message, then ack it (two commits per message);
+- claim100_ack: claim 100, then ack all of them in one statement.
+A claim is wrapped in a CTE that aggregates ids and lease tokens into arrays, which pgbench's
+\\gset hands to the ack. Claim scripts start from a prefilled, vacuumed queue; messages/s
+comes from the row count before and after.
+"""
+from __future__ import annotations
+
+import base64
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+from psycopg import sql
+
+from kombu_pg.config import Options
+from kombu_pg.queries import for_schema
+
+from .. import messaging, procs
+from .deep_queue import fill_pg
+
+NAME = "pgbench_limit"
+KINDS = {"kombu-pg"}
+PARAMS = {"quick": {"seconds": 3, "clients": 2, "prefill": 100000},
+          "full": {"seconds": 15, "clients": 2, "prefill": 1000000}}
+PLACEHOLDER = re.compile(r"%\((\w+)\)s")
+
+
+def run(env, p) -> dict:
+    queue = env.queue("pgb")
+    procs.call(messaging.publish, env.endpoint, queue, 1, timeout=60)  # declares, and a real payload
+    with env.sql() as conn:
+        payload = conn.execute(sql.SQL("SELECT payload FROM {} WHERE queue = %s").format(env.table()),
+                               (queue,)).fetchone()[0]
+        literals = values(conn, env, queue, payload)
+    q = for_schema(env.schema)
+    publish = dict(literals, max_attempts="NULL")  # a plain message carries no cap of its own
+    scripts = {
+        "insert_direct": (render(q.publish_direct, publish) + ";", 0),
+        "insert_routed": (render(q.publish_routed, publish) + ";", 0),
+        "claim1_ack": (claim_and_ack(q, literals, 1), p["prefill"]),
+        "claim100_ack": (claim_and_ack(q, literals, 100), p["prefill"]),
+    }
+    metrics = {}
+    with tempfile.TemporaryDirectory(prefix="bench-pgbench-") as tmp:
+        for name, (script, prefill) in scripts.items():
+            if prefill:
+                fill_pg(env, queue, prefill, 0)
+            before = count(env, queue)
+            path = Path(tmp) / f"{name}.sql"
+            path.write_text(script + "\n")
+            out = pgbench(env.broker.url, path, p["clients"], p["seconds"])
+            moved = abs(count(env, queue) - before)
+            metrics[f"{name}.tx_per_s"] = out["tps"]
+            metrics[f"{name}.msgs_per_s"] = moved / p["seconds"]
+            metrics[f"{name}.latency_avg_ms"] = out["latency_ms"]
+            if prefill and moved >= prefill:
+                raise RuntimeError(f"{name} drained the {prefill} prefilled messages: raise prefill")
+    return metrics
+
+
+def values(conn, env, queue: str, payload: str) -> dict:
+    options = Options(schema=env.schema)
+    # base64 keeps ':' out of the script, which pgbench would take for variables.
+    encoded = base64.b64encode(payload.encode()).decode()
+    lit = lambda value: sql.Literal(value).as_string(conn)  # noqa: E731
+    return {
+        "queue": lit(queue), "exchange": lit(queue), "routing_key": lit(queue),
+        "priority": "0", "eta": "NULL", "ttl_ms": "NULL", "task_id": "NULL", "task_name": "NULL",
+        "max_attempts": str(options.max_attempts), "unique_key": "NULL", "unique_replace": "false",
+        "payload": f"convert_from(decode('{encoded}', 'base64'), 'UTF8')",
+        "channel": lit(options.notify_channel), "lease_seconds": str(options.visibility_timeout),
+        "ids": ":ids", "tokens": ":tokens",
+    }
+
+
+def render(statement: str, literals: dict) -> str:
+    def substitute(match):
+        if match.group(1) not in literals:
+            raise KeyError(f"no value for placeholder %({match.group(1)})s: update bench/scenarios/pgbench_limit.py")
+        return literals[match.group(1)]
+    # Comments go: pgbench would take a ':word' in one for a variable.
+    code = "\n".join(line for line in statement.splitlines() if not line.lstrip().startswith("--"))
+    return PLACEHOLDER.sub(substitute, code).strip()
+
+
+def claim_and_ack(q, literals: dict, limit: int) -> str:
+    claim = render(q.claim, dict(literals, limit=str(limit)))
+    return (f"WITH claimed AS (\n{claim}\n)\n"
+            "SELECT coalesce(array_agg(id), '{}') AS ids, coalesce(array_agg(lease_token), '{}') AS tokens\n"
+            "FROM claimed\n\\gset\n"
+            f"{render(q.ack, literals)};")
+
+
+def count(env, queue: str) -> int:
+    with env.sql() as conn:
+        return conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE queue = %s").format(env.table()),
+                            (queue,)).fetchone()[0]
+
+
+def pgbench(url: str, script: Path, clients: int, seconds: int) -> dict:
+    cmd = ["pgbench", "-n", "-M", "prepared", "-f", str(script), "-c", str(clients),
+           "-j", str(clients), "-T", str(seconds), url]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    failed = re.search(r"number of failed transactions: (\d+)", done.stdout)
+    if done.returncode != 0 or (failed and int(failed.group(1))):
+        raise RuntimeError(f"pgbench failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return {"tps": float(re.search(r"tps = ([\d.]+)", done.stdout).group(1)),
+            "latency_ms": float(re.search(r"latency average = ([\d.]+) ms", done.stdout).group(1))}

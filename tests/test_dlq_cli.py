@@ -1,0 +1,190 @@
+"""The dead-letter command line: ``kombu-pg dlq list/show/replay/purge`` and the same commands
+as ``celery -A app pg dlq ...`` (the app's broker URL and schema)."""
+from __future__ import annotations
+
+import json
+
+import psycopg.rows
+import pytest
+from psycopg import sql
+
+from conftest import console_script, wait_for
+
+INTEGRATION_LINE = "kombu-pg: PostgreSQL broker integration active:"
+
+# The task reads a flag in the database: failing while it says "broken", as with a bug that is
+# fixed later (the flag is flipped), after which the dead letters are replayed.
+TASKS = '''
+FLAGS = RUNS.rsplit(".", 1)[0] + ".flags"
+
+
+@app.task(bind=True)
+def flaky(self, label):
+    record(self, label)
+    with psycopg.connect(DB_URL, autocommit=True, application_name="kp_task") as conn:
+        broken = conn.execute("SELECT broken FROM " + FLAGS + " WHERE name = 'flaky'").fetchone()[0]
+    if broken:
+        raise RuntimeError(f"still broken ({label})")
+    return f"fixed {label}"
+'''
+
+
+def dead_letters(env) -> list[dict]:
+    if not env.db.table_exists(env.broker_schema, "dead_letters"):
+        return []
+    cur = env.db.conn.cursor(row_factory=psycopg.rows.dict_row)
+    return cur.execute(f'SELECT * FROM "{env.broker_schema}".dead_letters ORDER BY id').fetchall()
+
+
+def kombu_pg(procs, env, *args, ok: bool = True):
+    out = procs.run([console_script("kombu-pg"), "--url", env.url, "--schema", env.broker_schema, *args])
+    if ok:
+        assert out.returncode == 0, (args, out.stdout, out.stderr)
+    return out
+
+
+def listed(procs, env, *filters) -> list[dict]:
+    out = kombu_pg(procs, env, "dlq", "list", "--json", *filters)
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def set_broken(env, broken: bool) -> None:
+    env.db.query(sql.SQL("UPDATE {}.flags SET broken = %s WHERE name = 'flaky'").format(
+        sql.Identifier(env.app_schema)), (broken,))
+
+
+@pytest.mark.slow
+def test_replay_after_the_bug_is_fixed(make_app, procs, env):
+    env.db.query(sql.SQL("CREATE TABLE {}.flags (name text PRIMARY KEY, broken boolean NOT NULL)").format(
+        sql.Identifier(env.app_schema)))
+    env.db.query(sql.SQL("INSERT INTO {}.flags VALUES ('flaky', true)").format(sql.Identifier(env.app_schema)))
+    app = make_app(visibility_timeout=3, extra_source=TASKS, transport_options={
+        "max_attempts": 2, "backoff_base": 0.2, "polling_interval": 0.2})
+    worker = procs.worker(app, pool="prefork", concurrency=2)
+    assert "kombu_pg" not in app.path.read_text() and "celery_ext" not in app.path.read_text()
+    results = [app.flaky.delay(f"job{i}") for i in range(3)]
+    for r in results:
+        wait_for(lambda: r.state == "FAILURE", 30, what=f"{r.id} to fail")
+    letters = listed(procs, env)
+    assert sorted(l["task_id"] for l in letters) == sorted(r.id for r in results)
+    assert all(l["reason"] == "max_attempts" and l["attempts"] == 2 and l["replayed_at"] is None for l in letters)
+    first, *rest = letters
+
+    # Replayed while still broken: it runs max_attempts times again (attempts start over) and
+    # comes back as a new dead letter whose history holds all four failures.
+    out = kombu_pg(procs, env, "dlq", "replay", str(first["id"]))
+    assert "replayed 1 dead letter(s)" in out.stdout
+
+    def second_letter():
+        rows = [r for r in dead_letters(env) if r["task_id"] == first["task_id"]]
+        return rows if len(rows) == 2 else None
+
+    old, new = wait_for(second_letter, 30, what="the replayed message to be dead-lettered again")
+    assert old["replayed_at"] is not None and new["replayed_at"] is None
+    assert new["attempts"] == 2, new
+    assert len(new["errors"]) == 4 and all(e["type"] == "RuntimeError" for e in new["errors"]), new["errors"]
+    assert sum(1 for r in env.runs() if r["task_id"] == first["task_id"]) == 4
+
+    # The bug is fixed; replay everything not yet replayed through the app's own CLI.
+    set_broken(env, False)
+    out = procs.celery(app, "pg", "dlq", "replay", "--all", "--task", app.task_name("flaky"))
+    assert out.returncode == 0, out.stderr
+    assert "replayed 3 dead letter(s)" in out.stdout, out.stdout
+    # Fresh AsyncResults: a result object caches its first ready state (the FAILURE).
+    fresh = [app.app.AsyncResult(r.id) for r in results]
+    for r in fresh:
+        wait_for(lambda: r.state == "SUCCESS", 30, what=f"{r.id} to succeed after the replay")
+    assert sorted(r.result for r in fresh) == ["fixed job0", "fixed job1", "fixed job2"]
+    wait_for(lambda: env.message_count() == 0, 10, what="the replayed messages to be acked")
+
+    rows = dead_letters(env)
+    assert len(rows) == 4 and all(row["replayed_at"] is not None for row in rows), rows
+    assert listed(procs, env, "--not-replayed") == []
+    assert len(listed(procs, env, "--replayed")) == 4
+    out = kombu_pg(procs, env, "dlq", "replay", "--all")  # nothing left to replay
+    assert "replayed 0 dead letter(s)" in out.stdout
+    assert kombu_pg(procs, env, "dlq", "replay", ok=False).returncode == 2  # ids or --all needed
+    assert sum(1 for r in env.runs() if r["label"].startswith("job")) == 4 + 2 + 2 + 3
+    assert INTEGRATION_LINE in worker.log()
+
+
+def test_show_and_list_filters(make_app, procs, env):
+    app = make_app(visibility_timeout=3, transport_options={"max_attempts": 2})
+    procs.worker(app, pool="solo", concurrency=1)
+    unknown = [app.app.send_task(f"gone.task{i}", args=(i,)) for i in range(3)]
+    wait_for(lambda: len(dead_letters(env)) == 3, 30, what="three dead letters")
+
+    letters = listed(procs, env)
+    assert [l["task_id"] for l in letters] == [r.id for r in unknown]  # oldest first
+    assert [l["task_id"] for l in listed(procs, env, "--task", "gone.task1")] == [unknown[1].id]
+    assert listed(procs, env, "--reason", "max_attempts") == []
+    assert len(listed(procs, env, "--reason", "unregistered", "--queue", "celery")) == 3
+    page = listed(procs, env, "--limit", "2")
+    assert len(page) == 2
+    assert [l["id"] for l in listed(procs, env, "--after", str(page[-1]["id"]))] == [letters[2]["id"]]
+    table = kombu_pg(procs, env, "dlq", "list", "--limit", "2").stdout
+    assert f"--after {page[-1]['id']}" in table
+
+    shown = json.loads(kombu_pg(procs, env, "dlq", "show", str(letters[0]["id"])).stdout)
+    assert shown["reason"] == "unregistered" and shown["task_name"] == "gone.task0"
+    assert shown["message"]["headers"]["id"] == unknown[0].id
+    same = procs.celery(app, "pg", "dlq", "show", str(letters[0]["id"]))
+    assert same.returncode == 0, same.stderr
+    assert json.loads(same.stdout) == shown
+    missing = kombu_pg(procs, env, "dlq", "show", "999999", ok=False)
+    assert missing.returncode != 0 and "999999" in missing.stderr
+
+
+def test_purge_removes_only_what_it_says(make_app, procs, env, kombu_conn):
+    # Dead letters made by consumers rejecting messages (without requeue), in two queues.
+    conn = kombu_conn()
+    ids = {}
+    for queue, count in (("purge_a", 5), ("purge_b", 1)):
+        simple = conn.SimpleQueue(queue)
+        for i in range(count):
+            simple.put({"n": i})
+        for i in range(count):
+            message = simple.get(timeout=10)
+            message.reject(requeue=False)
+        simple.close()
+    rows = dead_letters(env)
+    assert len(rows) == 6 and all(r["reason"] == "rejected" for r in rows)
+    a = [r["id"] for r in rows if r["queue"] == "purge_a"]
+    [b] = [r["id"] for r in rows if r["queue"] == "purge_b"]
+    table = sql.SQL("{}.dead_letters").format(sql.Identifier(env.broker_schema))
+    age = sql.SQL("UPDATE {} SET dead_lettered_at = now() - %s::interval WHERE id = ANY(%s)").format(table)
+    env.db.query(age, ("3 hours", [a[0], a[1], b]))
+    env.db.query(age, ("1 hour", [a[2]]))
+
+    def remaining() -> list[int]:
+        return [r["id"] for r in dead_letters(env)]
+
+    out = kombu_pg(procs, env, "dlq", "purge", ok=False)  # a selection is required
+    assert out.returncode == 2 and len(remaining()) == 6
+
+    out = kombu_pg(procs, env, "dlq", "purge", "--older-than", "2h", "--queue", "purge_b")
+    assert "purged 1 dead letter(s)" in out.stdout
+    assert remaining() == a
+
+    out = kombu_pg(procs, env, "dlq", "purge", "--older-than", "2h")
+    assert "purged 2 dead letter(s)" in out.stdout
+    assert remaining() == a[2:]
+
+    # Replay one (its message goes back to its queue), then purge only the replayed ones.
+    out = kombu_pg(procs, env, "dlq", "replay", str(a[3]))
+    assert "replayed 1 dead letter(s)" in out.stdout
+    assert env.message_count("purge_a") == 1
+    out = kombu_pg(procs, env, "dlq", "purge", "--replayed")
+    assert "purged 1 dead letter(s)" in out.stdout
+    assert remaining() == [a[2], a[4]]
+
+    out = kombu_pg(procs, env, "dlq", "purge", "--older-than", "30m")
+    assert "purged 1 dead letter(s)" in out.stdout
+    assert remaining() == [a[4]]
+    assert env.message_count("purge_a") == 1  # purging dead letters never touches messages
+
+    app = make_app()
+    out = procs.celery(app, "pg", "dlq", "purge", "--all")
+    assert out.returncode == 0, out.stderr
+    assert "purged 1 dead letter(s)" in out.stdout
+    assert remaining() == []
