@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 import uuid
 from urllib.parse import urlsplit, urlunsplit
 
@@ -24,6 +25,19 @@ DEFAULT_URLS = [
 ]
 
 REFERENCE = "kombu-pg"  # ratios are given relative to this broker
+
+
+def pg_connect(url: str, wait: float = 60) -> psycopg.Connection:
+    """An autocommit connection; waits while the server is full (other test suites share it),
+    so that a run's schema or database is still dropped when connections are scarce."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return psycopg.connect(url, autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            if "too many clients" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def kind_of(url: str) -> str:
@@ -137,7 +151,7 @@ class PgEnv(Env):
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(self.schema)))
 
     def sql(self) -> psycopg.Connection:
-        return psycopg.connect(self.broker.url, autocommit=True)
+        return pg_connect(self.broker.url)
 
     def table(self, name: str = "messages") -> sql.Composed:
         return sql.SQL("{}.{}").format(sql.Identifier(self.schema), sql.Identifier(name))
@@ -163,17 +177,17 @@ class SqlaEnv(Env):
     def setup(self):
         self.admin_url = libpq_url(self.broker.url)
         self.database = f"bench_sqla_{self.tag}"
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+        with pg_connect(self.admin_url) as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.database)))
         self.endpoint = Endpoint(self.kind, with_database(self.broker.url, self.database), {})
 
     def teardown(self):
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+        with pg_connect(self.admin_url) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                 sql.Identifier(self.database)))
 
     def sql(self) -> psycopg.Connection:
-        return psycopg.connect(with_database(self.admin_url, self.database), autocommit=True)
+        return pg_connect(with_database(self.admin_url, self.database))
 
     def state(self, queue):
         with self.sql() as conn:
@@ -240,7 +254,7 @@ def preflight(broker: Broker) -> dict:
     """Reachability, versions and durability settings of a broker; raises if unusable."""
     kind = broker.kind
     if kind in ("kombu-pg", "sqla"):
-        with psycopg.connect(libpq_url(broker.url), autocommit=True, connect_timeout=5) as conn:
+        with pg_connect(libpq_url(broker.url)) as conn:
             show = {name: conn.execute(f"SHOW {name}").fetchone()[0] for name in
                     ("server_version", "fsync", "synchronous_commit", "full_page_writes",
                      "wal_sync_method", "shared_buffers")}

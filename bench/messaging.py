@@ -62,7 +62,7 @@ def consume(endpoint, queue_name: str, n: int, prefetch: int = 100, within: floa
     samples: list[float] = []
 
     def on_message(body, message):
-        nonlocal got, end
+        nonlocal got, last_ack
         now = time.time()
         if latencies:
             samples.append(now - body["t"])

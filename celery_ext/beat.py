@@ -25,7 +25,8 @@ Exactly once
     follow from the stored ``last_run_at`` only (every N seconds: ``last_run_at + N``), not
     from when a process happened to look, so all processes agree on them. Ticks missed while
     no leader ran (a failover, all beats down) are coalesced into one, sent at once (Celery's
-    behaviour; a crontab honours ``beat_cron_starting_deadline``).
+    behaviour; a crontab honours ``beat_cron_starting_deadline``). Ticks that fell while an
+    entry was paused are skipped: a resumed entry runs at its next scheduled time.
 
 Leader election and failover
     A lease in ``beat_leader``: the leader renews it every ``kombu_pg_beat_refresh`` seconds
@@ -93,10 +94,12 @@ CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 class Entry(beat.ScheduleEntry):
     """A schedule entry with its state in the table."""
 
-    def __init__(self, *args, paused: bool = False, source: str = "config", **kwargs):
+    def __init__(self, *args, paused: bool = False, source: str = "config",
+                 resumed_at: dt.datetime | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.paused = paused
         self.source = source
+        self.resumed_at = resumed_at
 
 
 @dataclasses.dataclass
@@ -109,8 +112,10 @@ class Plan:
     #: schedule cannot tell it in advance (then Celery's is_due is asked again).
     next_at: dt.datetime | None
     skipped: int = 0
-    #: False for a crontab tick past beat_cron_starting_deadline: advanced, not sent.
+    #: False for a tick scheduled while the entry was paused, or a crontab tick older than
+    #: beat_cron_starting_deadline: the entry is advanced past it, nothing is sent.
     publish: bool = True
+    why_not: str = ""
     #: Seconds until to look again, when next_at is None.
     check_in: float | None = None
 
@@ -128,12 +133,13 @@ def next_after(sched, when: dt.datetime) -> dt.datetime | None:
     """The scheduled time following ``when``, from the schedule alone (no clock involved), so
     that every process computes the same one. None for schedules that cannot tell (solar,
     relative intervals, custom classes)."""
-    when = _aware(when)
+    # In UTC throughout: datetimes sharing a tzinfo compare by wall time, wrong across DST.
+    when = _aware(when).astimezone(dt.timezone.utc)
     if type(sched) is interval and not sched.relative and sched.run_every.total_seconds() > 0:
         return when + sched.run_every
     if isinstance(sched, crontab):
         start, delta, _now = sched.remaining_delta(when)
-        following = _aware(start + delta)
+        following = _aware(start + delta).astimezone(dt.timezone.utc)
         return following if following > when else None
     return None
 
@@ -169,7 +175,8 @@ class Scheduler(beat.Scheduler):
         self._seen_leader: str | None = None
         self._config_entries: dict[str, Entry] = {}
         self._next_at: dict[str, dt.datetime | None] = {}
-        self._check_at: dict[str, float] = {}  # monotonic: retry after errors, schedules without next_after
+        self._check_at: dict[str, float] = {}  # monotonic: schedules without next_after
+        self._retry_at: dict[str, float] = {}  # monotonic: entries whose task could not be sent
         self._load_errors: dict[str, str] = {}
         self._busy = False
         self._closed = False
@@ -229,12 +236,16 @@ class Scheduler(beat.Scheduler):
         return schedstate(False, plan.check_in or self.refresh)
 
     def apply_entry(self, entry, producer=None):
-        """Send the due tick of ``entry`` once: advance the entry, record the tick and insert the
-        message in one transaction. Nothing is sent if another scheduler got there first."""
-        now = self.app.now()
-        plan = self._plan(entry, now)
+        """Send the due tick of ``entry``, if one is due (see :meth:`_send`)."""
+        plan = self._plan(entry, self.app.now())
         if plan.slot is None:
+            self._remember(entry.name, plan)
             return None
+        return self._send(entry, plan, producer)
+
+    def _send(self, entry, plan: Plan, producer=None):
+        """Send one tick once: advance the entry, record the tick and insert the message in one
+        transaction. Nothing is sent if another scheduler got there first."""
         conn = self._conn
         result = None
         try:
@@ -262,22 +273,19 @@ class Scheduler(beat.Scheduler):
                 raise psycopg.OperationalError(str(cause or exc)) from exc
             logger.error("beat: could not send %s (%s): %s; trying again in %gs",
                          entry.name, entry.task, exc, RETRY_DELAY)
-            self._check_at[entry.name] = monotonic() + RETRY_DELAY
+            self._retry_at[entry.name] = monotonic() + RETRY_DELAY
             return None
+        self._retry_at.pop(entry.name, None)
         entry.last_run_at = plan.slot
         entry.total_run_count += int(plan.publish)
-        self._next_at[entry.name] = plan.next_at
-        if plan.next_at is None:
-            self._check_at[entry.name] = monotonic() + (plan.check_in or self.refresh)
-        else:
-            self._check_at.pop(entry.name, None)
-        missed = f" ({plan.skipped} missed tick(s) coalesced into this one)" if plan.skipped else ""
+        self._remember(entry.name, plan)
+        missed = f" ({plan.skipped} earlier missed tick(s) not sent)" if plan.skipped else ""
         if plan.publish:
             logger.info("beat: sent %s (%s) scheduled at %s, task id %s%s", entry.name, entry.task,
                         _iso(plan.slot), getattr(result, "id", None), missed)
         else:
-            logger.warning("beat: skipped %s scheduled at %s: older than beat_cron_starting_deadline%s",
-                           entry.name, _iso(plan.slot), missed)
+            logger.info("beat: skipped %s scheduled at %s: %s%s", entry.name, _iso(plan.slot), plan.why_not,
+                        missed)
         return result
 
     def sync(self):
@@ -311,31 +319,54 @@ class Scheduler(beat.Scheduler):
                 logger.debug("beat: pruned %d old tick record(s)", pruned)
         now = self.app.now()
         for entry in sorted(self.data.values(), key=lambda e: e.name):
-            if entry.paused or self._check_at.get(entry.name, 0.0) > monotonic():
+            name = entry.name
+            if entry.paused or max(self._retry_at.get(name, 0.0), self._check_at.get(name, 0.0)) > monotonic():
+                continue
+            due = self._next_at.get(name)
+            if due is not None and due > now:
                 continue
             if monotonic() >= self._lease_deadline or self._next_refresh == 0.0:
                 return 0.0  # renew the lease (or reload) first
-            due = self._next_at.get(entry.name)
-            if due is None or due <= now:
-                self.apply_entry(entry, producer=self.producer)
+            try:
+                plan = self._plan(entry, now)
+            except Exception:  # one entry whose times cannot be computed must not stop the others
+                delay = min(float(self.max_interval), 60.0)
+                logger.exception("beat: cannot compute the next run of %s: trying again in %gs", name, delay)
+                self._retry_at[name] = monotonic() + delay
+                continue
+            if plan.slot is None:
+                self._remember(name, plan)
+            else:
+                self._send(entry, plan, producer=self.producer)
         return self._sleep_time()
+
+    def _remember(self, name: str, plan: Plan) -> None:
+        """When to look at an entry again."""
+        if plan.next_at is not None:
+            self._next_at[name] = plan.next_at
+            self._check_at.pop(name, None)
+        else:
+            self._next_at.pop(name, None)
+            self._check_at[name] = monotonic() + min(plan.check_in or self.refresh, float(self.max_interval))
 
     def _sleep_time(self) -> float:
         now, mono = self.app.now(), monotonic()
         wait = min(self._next_refresh - mono, self._lease_deadline - mono, float(self.max_interval))
         for entry in self.data.values():
+            name = entry.name
             if entry.paused:
                 continue
-            if entry.name in self._check_at:
-                wait = min(wait, self._check_at[entry.name] - mono)
-            elif self._next_at.get(entry.name) is not None:
-                wait = min(wait, (self._next_at[entry.name] - now).total_seconds())
+            if name in self._retry_at or name in self._check_at:
+                wait = min(wait, max(self._retry_at.get(name, 0.0), self._check_at.get(name, 0.0)) - mono)
+            elif self._next_at.get(name) is not None:
+                wait = min(wait, (self._next_at[name] - now).total_seconds())
             else:
-                wait = 0.0
+                wait = 0.0  # not planned yet
         return max(wait, 0.0)
 
     def _plan(self, entry, now: dt.datetime) -> Plan:
-        sched, last = entry.schedule, _aware(entry.last_run_at)
+        sched, last = entry.schedule, _aware(entry.last_run_at).astimezone(dt.timezone.utc)
+        now = _aware(now).astimezone(dt.timezone.utc)
         first = next_after(sched, last)
         if first is None:
             # A schedule that cannot tell its times in advance: ask it, and key the tick by the
@@ -358,11 +389,14 @@ class Scheduler(beat.Scheduler):
                 if following is None or following > now:
                     break
                 slot, skipped = following, skipped + 1
-        publish = True
+        publish, why_not = True, ""
         deadline = self.app.conf.beat_cron_starting_deadline
-        if isinstance(sched, crontab) and deadline is not None and (now - slot).total_seconds() > deadline:
-            publish = False
-        return Plan(slot, next_after(sched, slot), skipped=skipped, publish=publish)
+        resumed_at = getattr(entry, "resumed_at", None)
+        if resumed_at is not None and slot < resumed_at:
+            publish, why_not = False, "it was paused then"
+        elif isinstance(sched, crontab) and deadline is not None and (now - slot).total_seconds() > deadline:
+            publish, why_not = False, "older than beat_cron_starting_deadline"
+        return Plan(slot, next_after(sched, slot), skipped=skipped, publish=publish, why_not=why_not)
 
     def _publishable(self, entry):
         """A copy to send: no publish retries by Kombu, which could not help inside our
@@ -413,8 +447,8 @@ class Scheduler(beat.Scheduler):
                     logger.error("beat: entry %s cannot be scheduled: %s", row.name, message)
                     self._load_errors[row.name] = message
         self.data = entries
-        self._next_at = {}
-        self._check_at = {name: at for name, at in self._check_at.items() if name in entries}
+        self._next_at, self._check_at = {}, {}
+        self._retry_at = {name: at for name, at in self._retry_at.items() if name in entries}
         if revision != self._revision:
             logger.info("beat: schedule loaded (revision %s): %s", revision, ", ".join(
                 f"{e.name}{' (paused)' if e.paused else ''}" for e in entries.values()) or "no entries")
@@ -422,7 +456,7 @@ class Scheduler(beat.Scheduler):
 
     def _entry_from_row(self, row: EntryRow) -> Entry:
         state = dict(name=row.name, last_run_at=row.last_run_at, total_run_count=row.total_run_count,
-                     app=self.app, paused=row.paused, source=row.source)
+                     app=self.app, paused=row.paused, source=row.source, resumed_at=row.resumed_at)
         if row.from_config:
             local = self._config_entries.get(row.name)
             if local is None:

@@ -8,7 +8,7 @@ from celery import signals
 from kombu_pg.config import SCHEMES
 from kombu_pg.transport import MAX_ATTEMPTS_HEADER, Transport
 
-from . import consumer, metrics, retries
+from . import consumer, inflight, metrics, retries
 
 logger = logging.getLogger("kombu_pg")
 
@@ -37,7 +37,8 @@ def install(app) -> dict:
     """Returns the defaults for ``app``: ours if its broker is this transport, else none."""
     if not uses_pg_broker(app):
         return {}
-    Transport.in_progress = _in_progress
+    Transport.in_progress = inflight.probe
+    inflight.install()
     consumer.install()
     signals.worker_init.connect(_announce, weak=False, dispatch_uid="kombu_pg.announce")
     signals.before_task_publish.connect(_publish_max_attempts, weak=False, dispatch_uid="kombu_pg.publish")
@@ -79,14 +80,3 @@ def _announce(sender=None, **kwargs):
         return
     settings = ", ".join(f"{key}={app.conf[key]}" for key in DEFAULTS)
     logger.warning("kombu-pg: PostgreSQL broker integration active: %s", settings)
-
-
-def _in_progress(delivery_tag) -> bool:
-    """Whether a task of this delivery is running in this worker (see Transport.in_progress)."""
-    from celery.worker import state
-
-    for request in list(state.active_requests):
-        message = getattr(request, "message", None)
-        if message is not None and message.delivery_tag == delivery_tag:
-            return True
-    return False

@@ -88,6 +88,7 @@ class EntryRow:
     kwargs: str
     options: str
     paused: bool
+    resumed_at: dt.datetime | None
     last_run_at: dt.datetime
     next_run_at: dt.datetime | None
     total_run_count: int
@@ -121,7 +122,7 @@ class LeaderRow:
 
 
 _ENTRY_COLUMNS = ("name, task, source, every, crontab, from_config, schedule_text, args::text, "
-                  "kwargs::text, options::text, paused, last_run_at, next_run_at, total_run_count, "
+                  "kwargs::text, options::text, paused, resumed_at, last_run_at, next_run_at, total_run_count, "
                   "created_at, updated_at")
 
 
@@ -167,7 +168,8 @@ class BeatStore:
             "DELETE FROM {s}.beat_entries WHERE source = 'config' AND NOT (name = ANY(%(names)s))"
             " RETURNING name")
         self._set_paused = q(
-            "UPDATE {s}.beat_entries SET paused = %(paused)s, updated_at = now()"
+            "UPDATE {s}.beat_entries SET paused = %(paused)s, updated_at = now(),"
+            " resumed_at = CASE WHEN paused AND NOT %(paused)s THEN now() ELSE resumed_at END"
             " WHERE name = %(name)s RETURNING paused")
         self._delete = q("DELETE FROM {s}.beat_entries WHERE name = %(name)s RETURNING source")
         self._sync_lock = sql.SQL("SELECT pg_advisory_xact_lock(%s, hashtext(%s))")

@@ -7,6 +7,7 @@ delivers and acks every message.
 from __future__ import annotations
 
 import collections
+import os
 import threading
 
 EVENTS = ("published", "delivered", "acked", "released", "requeued", "retried",
@@ -14,6 +15,17 @@ EVENTS = ("published", "delivered", "acked", "released", "requeued", "retried",
 
 _counts: collections.Counter = collections.Counter()
 _lock = threading.Lock()
+
+
+def _new_lock_in_child() -> None:
+    # A thread of the parent (acker, metrics server) may hold the lock at fork time: the child
+    # would inherit it locked, and its first add() would block forever.
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 def add(event: str, queue: str, n: int = 1) -> None:

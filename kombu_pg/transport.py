@@ -235,7 +235,7 @@ class Channel(virtual.Channel):
         """
         message_id, token = parse_tag(message.delivery_tag)
         probe = Transport.in_progress
-        if probe is not None and probe(message.delivery_tag):
+        if probe is not None and probe(message):
             logger.info("kombu_pg: message %s is still being processed: keeping its lease", message_id)
             return
         try:
@@ -360,8 +360,8 @@ class Transport(virtual.Transport):
     connection_errors = virtual.Transport.connection_errors + (
         psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
-    #: Set by the Celery integration: ``in_progress(delivery_tag)`` tells whether the task of a
-    #: delivery is still running, so that closing a lost connection does not release its lease.
+    #: Set by the Celery integration: ``in_progress(message)`` tells whether the consumer will still
+    #: process (and ack) a delivered message, so that closing a lost connection keeps its lease.
     in_progress = None
 
     def __init__(self, client, **kwargs):

@@ -23,6 +23,8 @@ CREATE TABLE IF NOT EXISTS {schema}.beat_entries (
     kwargs          jsonb            NOT NULL DEFAULT jsonb_build_object(),
     options         jsonb            NOT NULL DEFAULT jsonb_build_object(),
     paused          boolean          NOT NULL DEFAULT false,
+    -- When it was last resumed: ticks scheduled while it was paused are skipped, not sent.
+    resumed_at      timestamptz,
     -- The scheduled (nominal) time of the last tick, from which the next one is computed. A new
     -- entry starts at its creation time, so its first tick is one period later, as with
     -- Celery's own scheduler. Advanced only by compare-and-set in the transaction that

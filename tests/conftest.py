@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -222,6 +221,30 @@ def _drop_schema(db: Database, schema: str) -> None:
                 time.sleep(0.5)
 
 
+def _close_transport_pools(schema: str) -> None:
+    """Close this process's transport connection pools for ``schema``.
+
+    The transport keeps one pool per (URL, options) per process for the life of the process,
+    even after every kombu Connection using it was released. A test process that uses a new
+    schema per test would otherwise hold two idle server connections per test and run into
+    max_connections. This reaches into kombu_pg.database internals, defensively.
+    """
+    try:
+        from kombu_pg import database
+    except ImportError:
+        return
+    registry = getattr(database, "_registry", None)
+    if not isinstance(registry, dict):
+        return
+    with getattr(database, "_registry_lock", None) or contextlib.nullcontext():
+        keys = [key for key, db in registry.items()
+                if getattr(getattr(db, "options", None), "schema", None) == schema]
+        dbs = [registry.pop(key) for key in keys]
+    for db in dbs:
+        with contextlib.suppress(Exception):
+            db.close()
+
+
 @pytest.fixture
 def env(pg_url, _session_db):
     """Fresh broker and app schemas for this test, dropped with CASCADE at teardown."""
@@ -235,6 +258,7 @@ def env(pg_url, _session_db):
     ).format(sql.Identifier(app_schema)))
     e = Env(pg_url, db, broker_schema, app_schema)
     yield e
+    _close_transport_pools(broker_schema)
     for schema in (broker_schema, app_schema):
         _drop_schema(db, schema)
 
@@ -280,8 +304,6 @@ app.conf.update(
     result_backend={result_backend!r},
     broker_transport_options={transport_options!r},
     database_table_schemas={{"task": {app_schema!r}, "group": {app_schema!r}}},
-    broker_connection_retry_on_startup=True,
-    worker_hijack_root_logger=True,
     **{extra_conf!r}
 )
 

@@ -131,6 +131,9 @@ def test_show_and_list_filters(make_app, procs, env):
     same = procs.celery(app, "pg", "dlq", "show", str(letters[0]["id"]))
     assert same.returncode == 0, same.stderr
     assert json.loads(same.stdout) == shown
+    same = procs.celery(app, "pg", "dlq", "list", "--json", "--reason", "unregistered")
+    assert same.returncode == 0, same.stderr
+    assert [json.loads(line) for line in same.stdout.splitlines() if line.strip()] == letters
     missing = kombu_pg(procs, env, "dlq", "show", "999999", ok=False)
     assert missing.returncode != 0 and "999999" in missing.stderr
 
@@ -158,6 +161,11 @@ def test_purge_removes_only_what_it_says(make_app, procs, env, kombu_conn):
 
     def remaining() -> list[int]:
         return [r["id"] for r in dead_letters(env)]
+
+    # list shows the same selections purge acts on.
+    assert [l["id"] for l in listed(procs, env, "--older-than", "2h")] == [a[0], a[1], b]
+    assert [l["id"] for l in listed(procs, env, "--newer-than", "10m")] == a[3:]
+    assert [l["id"] for l in listed(procs, env, "--older-than", "30m", "--newer-than", "2h")] == [a[2]]
 
     out = kombu_pg(procs, env, "dlq", "purge", ok=False)  # a selection is required
     assert out.returncode == 2 and len(remaining()) == 6

@@ -7,8 +7,6 @@ from queue import Empty
 import pytest
 from kombu import Consumer, Exchange, Producer, Queue
 
-from conftest import wait_for
-
 
 def declare(conn, name: str, **kwargs) -> Queue:
     queue = Queue(name, Exchange(name, "direct"), routing_key=name, **kwargs)

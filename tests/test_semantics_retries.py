@@ -140,12 +140,14 @@ def test_always_failing_task_retried_with_growing_backoff_then_dead_lettered(mak
         assert "ValueError" in entry["traceback"]
         assert entry["worker"] == worker.hostname
     # Growing delays (loosely): the retry after attempt k is due no sooner than half of
-    # base * 2^(k-1) (the jitter's lower bound); the second wait is not shorter than the first.
+    # base * 2^(k-1) (the jitter's lower bound), a bound that doubles per attempt; and the waits
+    # grow, give or take the wake-up latency (polling_interval; jitter ranges of consecutive
+    # attempts touch at their ends, so equal waits are possible).
     times = [dt.datetime.fromisoformat(e["at"]) for e in errors]
     gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:])]
     for k, gap in enumerate(gaps, start=1):
         assert gap >= 0.5 * base * 2 ** (k - 1) - 0.05, gaps
-    assert gaps[1] >= gaps[0] - 0.1, gaps
+    assert gaps[1] >= gaps[0] - 0.35, gaps
     assert shown["message"]["headers"]["id"] == result.id
     assert env.message_count() == 0
     assert_automatic(app, worker)

@@ -1,7 +1,7 @@
 """Broker URLs, transport options, error messages and the ``kombu-pg migrate`` command."""
 from __future__ import annotations
 
-import time
+import sys
 from pathlib import Path
 
 import kombu
@@ -156,10 +156,10 @@ def password_server(tmp_path):
         yield url
 
 
-def test_wrong_password_gives_one_line_error_without_password(password_server, procs, tmp_path):
+def test_wrong_password_gives_one_line_error_without_password(password_server, procs, env):
     secret = "Wr0ngPassw0rd-xyz"
     url = password_server(secret)
-    schema = unique("t_")
+    schema = env.broker_schema  # on the password server; its pools are closed at teardown
     message = connect_error(url, schema=schema)
     assert secret not in message
     assert "password" in message.lower() or "authentication" in message.lower(), message
@@ -192,3 +192,14 @@ def test_worker_with_wrong_password_logs_reason_not_password(password_server, ma
     wait_for(lambda: "password authentication failed" in worker.log(), 60,
              what=lambda: f"the worker to log the authentication failure:\n{worker.log()[-2000:]}")
     assert secret not in worker.log()
+
+
+def test_schemes_registered_without_any_import(procs):
+    """The .pth hook: a fresh interpreter resolves the schemes with no kombu_pg import."""
+    code = ("import sys, kombu\n"
+            "for scheme in ('postgresql', 'postgres', 'pg'):\n"
+            "    cls = kombu.Connection(scheme + '://u@/db').get_transport_cls()\n"
+            "    print(scheme, cls.__module__ + ':' + cls.__name__)\n")
+    result = procs.run([sys.executable, "-c", code])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("kombu_pg.transport:Transport") == 3, result.stdout

@@ -1,5 +1,8 @@
 """deep_queue: claim+ack throughput of one consumer with 1k, 100k and 1M messages waiting, and
-with 100k not-ready rows beside the ready ones (kombu-pg: delayed ETA messages).
+with 100k not-ready rows beside 1k ready ones (kombu-pg: delayed ETA messages).
+
+The consumer takes `consume` messages from a queue filled with depth + `consume`, so that at
+least `depth` messages wait throughout.
 
 The backlog is made in SQL, not by publishing (1M publishes would take minutes): one real
 message is published through the transport, and its row is cloned with INSERT ... SELECT
@@ -19,7 +22,7 @@ from .. import messaging, procs
 
 NAME = "deep_queue"
 KINDS = {"kombu-pg", "sqla"}
-PARAMS = {"quick": {"depths": [1000, 20000], "not_ready": 20000, "consume": 300, "prefetch": 100},
+PARAMS = {"quick": {"depths": [1000, 20000], "not_ready": 20000, "consume": 1000, "prefetch": 100},
           "full": {"depths": [1000, 100000, 1000000], "not_ready": 100000, "consume": 5000,
                    "prefetch": 100}}
 
@@ -30,13 +33,14 @@ def label(n: int) -> str:
 
 def run(env, p) -> dict:
     depths = sorted(p["depths"])
-    cases = [(f"ready_{label(d)}", d, 0) for d in depths]
-    cases.append((f"not_ready_{label(p['not_ready'])}", min(depths[0], p["consume"]), p["not_ready"]))
+    # `consume` messages on top of the depth: at least `depth` wait throughout the measurement.
+    n = p["consume"]
+    cases = [(f"ready_{label(d)}", d + n, 0) for d in depths]
+    cases.append((f"not_ready_{label(p['not_ready'])}", depths[0] + n, p["not_ready"]))
     metrics = {}
     for name, ready, not_ready in cases:
         queue = env.queue(name)
         FILL[env.kind](env, queue, ready, not_ready)
-        n = min(ready, p["consume"])
         result = procs.call(messaging.consume, env.endpoint, queue, n, prefetch=p["prefetch"],
                             within=120, timeout=150)
         env.check_settled(queue, expected=ready - n)
@@ -58,8 +62,8 @@ def fill_pg(env, queue, ready, not_ready):
         " FROM {t}, generate_series(1, %(n)s) WHERE id = %(id)s").format(t=table)
     with env.sql() as conn:
         template = conn.execute(sql.SQL("SELECT id FROM {} WHERE queue = %s").format(table), (queue,)).fetchone()[0]
-        conn.execute(clone, {"delay": 0, "n": ready - 1, "id": template})
         conn.execute(clone, {"delay": 3600, "n": not_ready, "id": template})
+        conn.execute(clone, {"delay": 0, "n": ready - 1, "id": template})
         conn.execute(sql.SQL("VACUUM ANALYZE {}").format(table))
 
 
@@ -74,11 +78,12 @@ def fill_sqla(env, queue, ready, not_ready):
         # Kombu's virtual transports key unacked messages by delivery tag: keep them unique.
         tag = json.loads(payload)["properties"]["delivery_tag"]
         clone = ("INSERT INTO kombu_message (id, visible, timestamp, payload, version, queue_id)"
-                 " SELECT nextval('message_id_sequence'), %(visible)s, timestamp,"
+                 " SELECT nextval('message_id_sequence'), %(visible)s, timestamp - %(age)s * interval '1 s',"
                  "        replace(payload, %(tag)s, gen_random_uuid()::text), version, queue_id"
                  " FROM kombu_message, generate_series(1, %(n)s) WHERE id = %(id)s")
-        conn.execute(clone, {"visible": True, "n": ready - 1, "id": template, "tag": tag})
-        conn.execute(clone, {"visible": False, "n": not_ready, "id": template, "tag": tag})
+        # Delivered rows are older than the waiting ones: they come first in delivery order.
+        conn.execute(clone, {"visible": False, "age": 3600, "n": not_ready, "id": template, "tag": tag})
+        conn.execute(clone, {"visible": True, "age": 0, "n": ready - 1, "id": template, "tag": tag})
         conn.execute("VACUUM ANALYZE kombu_message")
 
 
