@@ -46,7 +46,8 @@ def _version(name: str) -> str | None:
 
 def _git() -> dict:
     commit = _run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-    changed = _run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "kombu_pg", "celery_ext", "migrations"])
+    changed = _run(["git", "-C", str(ROOT), "status", "--porcelain", "--",
+                    "kombu_pg", "celery_ext", "migrations"])
     # The transport may be measured with uncommitted changes: say so.
     return {"commit": commit, "transport_modified": bool(changed)}
 

@@ -73,8 +73,10 @@ def limit_table(results: dict) -> list[str]:
     clients = scenarios["pgbench_limit"]["params"]["clients"]
     # Kombu's consumer claims up to its prefetch (100) per statement and batches acks: the
     # matching SQL is the batched script; claim1_ack is the floor without any batching.
-    pairs = [("publish, one producer (`kombu_publish`)", median("kombu_publish", "msgs_per_s"), "insert_routed"),
-             ("consume+ack, one consumer (`kombu_consume`)", median("kombu_consume", "msgs_per_s"), "claim100_ack")]
+    pairs = [("publish, one producer (`kombu_publish`)",
+              median("kombu_publish", "msgs_per_s"), "insert_routed"),
+             ("consume+ack, one consumer (`kombu_consume`)",
+              median("kombu_consume", "msgs_per_s"), "claim100_ack")]
     rows = []
     for what, transport, script in pairs:
         sql = limit.get(f"{script}.msgs_per_s", {}).get("median")

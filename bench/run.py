@@ -50,7 +50,8 @@ def overrides(pairs: list[str]) -> dict:
         key, _, raw = pair.partition("=")
         scenario, _, param = key.partition(".")
         if scenario not in SCENARIOS or not param or not raw:
-            raise SystemExit(f"--set {pair!r}: expected SCENARIO.PARAM=VALUE with SCENARIO in {list(SCENARIOS)}")
+            raise SystemExit(f"--set {pair!r}: expected SCENARIO.PARAM=VALUE, SCENARIO one of "
+                             f"{', '.join(SCENARIOS)}")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
@@ -94,7 +95,8 @@ def run_scenario(module, params: dict, targets, repeat: int) -> list[dict]:
         for broker in targets:  # alternate brokers run by run
             run = run_once(module, params, broker)
             runs.append(dict(run, broker=broker.name, rep=rep))
-            shown = "  ".join(f"{k}={_fmt(v)}" for k, v in run["metrics"].items()) or f"FAILED: {run['error']}"
+            shown = "  ".join(f"{k}={_fmt(v)}" for k, v in run["metrics"].items()) \
+                or f"FAILED: {run['error']}"
             print(f"  [{rep + 1}/{repeat}] {broker.name:<10} {run['seconds']:5.1f}s  {shown}", flush=True)
     return runs
 

@@ -62,10 +62,13 @@ class Acker:
         from . import counters
 
         try:
-            self.db.run(self.db.q.ack, {"ids": [m for m, _, _ in batch], "tokens": [t for _, t, _ in batch]})
+            deleted = self.db.run(self.db.q.ack, {"ids": [m for m, _, _ in batch],
+                                                  "tokens": [t for _, t, _ in batch]}, fetch=True)
         except Exception as exc:  # the leases expire and the messages come back: at-least-once
             logger.error("kombu_pg: %d ack(s) failed (%s): those messages will be redelivered",
                          len(batch), exc)
             return
-        for _, _, queue in batch:
+        # Only rows really deleted: after a server-side retry or a dead letter, Celery's ack of
+        # the same delivery finds no lease and changes nothing.
+        for (queue,) in deleted:
             counters.add("acked", queue)

@@ -113,7 +113,7 @@ class Database:
         policy = self.options.policy(queue)
         rows = self.run(self.q.fail, {
             "id": message_id, "token": token, "error": json.dumps([error], default=str),
-            "dead_reason": dead_reason, "max_attempts": max_attempts,
+            "dead_reason": dead_reason, "max_attempts": max_attempts, "channel": self.options.notify_channel,
             "backoff_base": backoff_base, "backoff_cap": backoff_cap,
             "default_max_attempts": policy["max_attempts"],
             "default_backoff_base": policy["backoff_base"],
@@ -121,7 +121,7 @@ class Database:
         }, fetch=True)
         if not rows:
             return None
-        attempt, cap, dead_letter_id, retry_at = rows[0]
+        attempt, cap, dead_letter_id, retry_at, _ = rows[0]
         self.leases.forget([message_id])
         counters.add("dead_lettered" if dead_letter_id else "retried", queue)
         return {"attempt": attempt, "max_attempts": cap, "dead_letter_id": dead_letter_id,

@@ -31,23 +31,26 @@ class Listener:
     def fileno(self) -> int:
         return self.conn.fileno()
 
-    def read(self) -> set[str]:
-        """Queue names notified since the last read; never blocks.
+    def read(self) -> dict[str, float]:
+        """Queues notified since the last read, with the seconds until their message is visible
+        (0 for now). Never blocks.
 
         Reads through libpq directly: psycopg's notifies() would take the connection lock and
         block. Raises psycopg.OperationalError when the connection is gone.
         """
         pgconn = self.conn.pgconn
         pgconn.consume_input()
-        names = set()
+        woken: dict[str, float] = {}
         while (note := pgconn.notifies()) is not None:
-            names.add(note.extra.decode())
-        return names
+            delay_ms, _, queue = note.extra.decode().partition(" ")
+            delay = int(delay_ms) / 1000 if delay_ms.isdigit() else 0.0
+            woken[queue] = min(delay, woken.get(queue, delay))
+        return woken
 
-    def wait(self, timeout: float) -> set[str]:
+    def wait(self, timeout: float) -> dict[str, float]:
         """Block up to ``timeout`` seconds for notifications."""
         readable, _, _ = select.select([self.conn.fileno()], [], [], max(timeout, 0))
-        return self.read() if readable else set()
+        return self.read() if readable else {}
 
     def close(self) -> None:
         if self.conn is not None:

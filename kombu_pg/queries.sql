@@ -5,7 +5,8 @@
 -- name: publish_direct
 -- Publish to one queue (the default exchange). The queue's x-message-ttl, if declared, and the
 -- message's own expiration both bound expires_at; least() ignores NULLs.
--- The NOTIFY wakes consumers; it is delivered at commit, and coalesced per transaction.
+-- The NOTIFY wakes consumers; it is delivered at commit, and identical ones are coalesced per
+-- transaction. Its payload says when the message becomes visible (see wake_payload).
 -- With a unique key, a message already waiting or running under that key wins: nothing is
 -- inserted and no row returned (the caller logs the duplicate). In replace mode a waiting one
 -- takes the new content instead; a running one still wins.
@@ -21,9 +22,9 @@ WITH ins AS (
     SET payload = excluded.payload, priority = excluded.priority, visible_at = excluded.visible_at,
         expires_at = excluded.expires_at, task_id = excluded.task_id
     WHERE %(unique_replace)s AND messages.lease_token IS NULL
-    RETURNING queue
+    RETURNING queue, visible_at
 )
-SELECT pg_notify(%(channel)s, queue) FROM ins
+SELECT queue, pg_notify(%(channel)s, {schema}.wake_payload(visible_at) || queue) FROM ins
 
 -- name: publish_routed
 -- Route through an exchange in the database, so that bindings made by other processes count.
@@ -51,9 +52,9 @@ WITH targets AS (
     SET payload = excluded.payload, priority = excluded.priority, visible_at = excluded.visible_at,
         expires_at = excluded.expires_at, task_id = excluded.task_id
     WHERE %(unique_replace)s AND messages.lease_token IS NULL
-    RETURNING queue
+    RETURNING queue, visible_at
 )
-SELECT pg_notify(%(channel)s, queue) FROM (SELECT DISTINCT queue FROM ins) AS woken
+SELECT queue, pg_notify(%(channel)s, {schema}.wake_payload(visible_at) || queue) FROM ins
 
 -- name: claim
 -- Lease up to `limit` deliverable messages. SKIP LOCKED lets concurrent consumers take disjoint
@@ -83,15 +84,20 @@ RETURNING m.id, m.lease_token, m.delivery_count, m.priority, m.payload, m.releas
 DELETE FROM {schema}.messages m
 USING unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS a(id, token)
 WHERE m.id = a.id AND m.lease_token = a.token
+RETURNING m.queue
 
 -- name: release
 -- Give back a message that was never processed (consumer shut down, connection closed): same
 -- row, no copy, visible at once. Its delivery did not count as an attempt.
-UPDATE {schema}.messages m
-SET lease_token = NULL, visible_at = now(), delivery_count = greatest(m.delivery_count - 1, 0),
-    released = true
-FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS a(id, token)
-WHERE m.id = a.id AND m.lease_token = a.token
+WITH released AS (
+    UPDATE {schema}.messages m
+    SET lease_token = NULL, visible_at = now(), delivery_count = greatest(m.delivery_count - 1, 0),
+        released = true
+    FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS a(id, token)
+    WHERE m.id = a.id AND m.lease_token = a.token
+    RETURNING m.queue
+)
+SELECT queue, pg_notify(%(channel)s, {schema}.wake_payload(now()) || queue) FROM (SELECT DISTINCT queue FROM released) AS r
 
 -- name: renew
 -- Extend leases still held; the ids returned are the leases that are still ours.
@@ -238,9 +244,10 @@ WITH m AS (
                              * (0.5 + random() / 2) * interval '1 second'
     FROM m
     WHERE r.id = m.id AND m.delivery_count < m.cap
-    RETURNING r.visible_at
+    RETURNING r.visible_at, r.queue
 )
-SELECT m.delivery_count, m.cap, (SELECT id FROM buried), (SELECT visible_at FROM retried)
+SELECT m.delivery_count, m.cap, (SELECT id FROM buried), (SELECT visible_at FROM retried),
+       (SELECT pg_notify(%(channel)s, {schema}.wake_payload(visible_at) || queue) FROM retried)
 FROM m
 
 -- name: dead_letter

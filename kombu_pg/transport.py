@@ -122,7 +122,7 @@ class Channel(virtual.Channel):
             queues = external.execute(query, params).fetchall()
         else:
             queues = self.db.run(query, params, fetch=True)
-        for (queue,) in queues:
+        for queue, _ in queues:
             counters.add("published", queue)
         if not queues and params["unique_key"] is not None:
             counters.add("duplicates_dropped", params.get("queue") or exchange)
@@ -239,7 +239,8 @@ class Channel(virtual.Channel):
             logger.info("kombu_pg: message %s is still being processed: keeping its lease", message_id)
             return
         try:
-            if self.db.run(self.db.q.release, {"ids": [message_id], "tokens": [token]}):
+            if self.db.run(self.db.q.release, {"ids": [message_id], "tokens": [token],
+                                               "channel": self.options.notify_channel}, fetch=True):
                 counters.add("released", (message.delivery_info.get("kombu_pg") or {}).get("queue", ""))
             logger.info("kombu_pg: released message %s (task %s) unprocessed, back in queue %r",
                         message_id, (message.headers or {}).get("id"),
@@ -378,6 +379,7 @@ class Transport(virtual.Transport):
         self._listen_conninfo = config.to_conninfo(self.options.listen_url) if self.options.listen_url else None
         self._listener: Listener | None = None
         self._ready: set[str] = set()  # queues that may have deliverable messages
+        self._due: dict[str, float] = {}  # queue -> monotonic time its next known message is due
         self._hub = None
         self._timer = None
         self._next_poll = self._next_touch = self._next_sweep = 0.0
@@ -416,12 +418,24 @@ class Transport(virtual.Transport):
                 sleep(wait)
             return
         try:
-            names = self._listener.read() if wait is None else self._listener.wait(wait)
+            woken = self._listener.read() if wait is None else self._listener.wait(wait)
         except psycopg.OperationalError as exc:
             logger.warning("kombu_pg: LISTEN connection lost (%s): reconnecting", exc)
             self._reconnect_listener()
-            names = self.consumed_queues()  # anything may have been missed meanwhile
-        self._ready |= names & self.consumed_queues()
+            woken = dict.fromkeys(self.consumed_queues(), 0.0)  # anything may have been missed
+        consumed = self.consumed_queues()
+        now = monotonic()
+        for queue, delay in woken.items():
+            if queue not in consumed:
+                continue
+            if delay <= 0:
+                self._ready.add(queue)
+            elif now + delay < self._due.get(queue, float("inf")):
+                # A message becomes visible later (ETA, retry backoff): wake up then, not at the
+                # next safety-net poll. One timer per queue, for its earliest known message.
+                self._due[queue] = now + delay
+                if self._hub is not None:
+                    self._hub.call_later(delay, self._on_due, queue)
 
     def _reconnect_listener(self) -> None:
         if self._hub is not None and self._listener is not None and self._listener.conn is not None:
@@ -432,9 +446,17 @@ class Transport(virtual.Transport):
             self._hub.add_reader(fd, self._on_readable)
         self._ready |= self.consumed_queues()
 
+    def _on_due(self, queue) -> None:
+        if self._due.get(queue, float("inf")) <= monotonic() + 0.001:
+            del self._due[queue]
+            self._ready.add(queue)
+
     def _housekeeping(self) -> None:
-        """Safety-net poll, keep-alive of consumed queues, and the expiry sweep."""
+        """Due ETAs, safety-net poll, keep-alive of consumed queues, and the expiry sweep."""
         now = monotonic()
+        for queue, due in list(self._due.items()):
+            if due <= now:
+                self._on_due(queue)
         consumed = self.consumed_queues()
         if not consumed:
             return
@@ -530,7 +552,8 @@ class Transport(virtual.Transport):
             now = monotonic()
             if deadline is not None and now >= deadline:
                 raise socket.timeout()
-            wait = max(self._next_poll - now, 0.001) if self.consumed_queues() else self.polling_interval
+            wait = max(min([self._next_poll, *self._due.values()]) - now, 0.001) if self.consumed_queues() \
+                else self.polling_interval
             if deadline is not None:
                 wait = min(wait, deadline - now)
             self._read_notifications(wait)

@@ -86,7 +86,8 @@ def values(conn, env, queue: str, payload: str) -> dict:
 def render(statement: str, literals: dict) -> str:
     def substitute(match):
         if match.group(1) not in literals:
-            raise KeyError(f"no value for placeholder %({match.group(1)})s: update bench/scenarios/pgbench_limit.py")
+            raise KeyError(f"no value for placeholder %({match.group(1)})s: "
+                           "add one to values() in bench/scenarios/pgbench_limit.py")
         return literals[match.group(1)]
     # Comments go: pgbench would take a ':word' in one for a variable.
     code = "\n".join(line for line in statement.splitlines() if not line.lstrip().startswith("--"))
@@ -113,6 +114,7 @@ def pgbench(url: str, script: Path, clients: int, seconds: int) -> dict:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
     failed = re.search(r"number of failed transactions: (\d+)", done.stdout)
     if done.returncode != 0 or (failed and int(failed.group(1))):
-        raise RuntimeError(f"pgbench failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"pgbench failed ({done.returncode}):\n"
+                           f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     return {"tps": float(re.search(r"tps = ([\d.]+)", done.stdout).group(1)),
             "latency_ms": float(re.search(r"latency average = ([\d.]+) ms", done.stdout).group(1))}
