@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Any
 
 import psycopg
@@ -25,6 +26,13 @@ from .leases import LeaseKeeper
 from .queries import Queries, for_schema
 
 logger = logging.getLogger(__name__)
+
+#: A producer sends at most one NOTIFY per destination in this many seconds...
+NOTIFY_DEBOUNCE_SECONDS = 0.005
+#: ...and a consumer that just received messages from a queue claims again after this long, so
+#: that a message published without a NOTIFY waits at most about this long (must exceed the
+#: debounce window plus a publish round trip).
+FOLLOW_UP_SECONDS = 0.025
 
 #: Errors after which the statement may be retried once on a fresh connection.
 CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
@@ -41,6 +49,7 @@ class Database:
         self._ready = False
         self.leases = LeaseKeeper(self)
         self.acker = Acker(self)
+        self._notified: dict = {}  # destination -> monotonic time of its last NOTIFY
 
     # -- connections ------------------------------------------------------------------------
 
@@ -99,6 +108,15 @@ class Database:
                     raise psycopg.OperationalError(
                         f"database {self.description} unavailable: {scrub(exc, self.conninfo)}") from None
                 logger.warning("kombu_pg: connection lost (%s), retrying", scrub(exc, self.conninfo))
+
+    def should_notify(self, destination) -> bool:
+        """Debounced wake-ups: NOTIFY costs about as much as the INSERT it accompanies."""
+        now = time.monotonic()
+        last = self._notified.get(destination)
+        if last is not None and now - last < NOTIFY_DEBOUNCE_SECONDS:
+            return False
+        self._notified[destination] = now
+        return True
 
     # -- settling by lease: usable from any process that knows (id, token) ---------------------
 

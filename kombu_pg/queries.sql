@@ -6,7 +6,9 @@
 -- Publish to one queue (the default exchange). The queue's x-message-ttl, if declared, and the
 -- message's own expiration both bound expires_at; least() ignores NULLs.
 -- The NOTIFY wakes consumers; it is delivered at commit, and identical ones are coalesced per
--- transaction. Its payload says when the message becomes visible (see wake_payload).
+-- transaction. Its payload says when the message becomes visible (see wake_payload). It costs
+-- about as much as the insert, so a producer skips it right after notifying the same queue
+-- (notify=false); consumers that just got messages look again shortly after anyway.
 -- With a unique key, a message already waiting or running under that key wins: nothing is
 -- inserted and no row returned (the caller logs the duplicate). In replace mode a waiting one
 -- takes the new content instead; a running one still wins.
@@ -24,7 +26,8 @@ WITH ins AS (
     WHERE %(unique_replace)s AND messages.lease_token IS NULL
     RETURNING queue, visible_at
 )
-SELECT queue, pg_notify(%(channel)s, {schema}.wake_payload(visible_at) || queue) FROM ins
+SELECT queue, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, {schema}.wake_payload(visible_at) || queue) END
+FROM ins
 
 -- name: publish_routed
 -- Route through an exchange in the database, so that bindings made by other processes count.
@@ -54,7 +57,8 @@ WITH targets AS (
     WHERE %(unique_replace)s AND messages.lease_token IS NULL
     RETURNING queue, visible_at
 )
-SELECT queue, pg_notify(%(channel)s, {schema}.wake_payload(visible_at) || queue) FROM ins
+SELECT queue, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, {schema}.wake_payload(visible_at) || queue) END
+FROM ins
 
 -- name: claim
 -- Lease up to `limit` deliverable messages. SKIP LOCKED lets concurrent consumers take disjoint

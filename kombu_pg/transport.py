@@ -119,9 +119,10 @@ class Channel(virtual.Channel):
             query, params = self.db.q.publish_direct, dict(params, queue=routing_key)
         external = atomic.current()
         if external is not None:  # inside enqueue_in(): the application's transaction
-            queues = external.execute(query, params).fetchall()
+            queues = external.execute(query, dict(params, notify=True)).fetchall()
         else:
-            queues = self.db.run(query, params, fetch=True)
+            notify = params["eta"] is not None or self.db.should_notify((exchange, routing_key))
+            queues = self.db.run(query, dict(params, notify=notify), fetch=True)
         for queue, _ in queues:
             counters.add("published", queue)
         if not queues and params["unique_key"] is not None:
@@ -430,12 +431,18 @@ class Transport(virtual.Transport):
                 continue
             if delay <= 0:
                 self._ready.add(queue)
-            elif now + delay < self._due.get(queue, float("inf")):
+            else:
                 # A message becomes visible later (ETA, retry backoff): wake up then, not at the
-                # next safety-net poll. One timer per queue, for its earliest known message.
-                self._due[queue] = now + delay
-                if self._hub is not None:
-                    self._hub.call_later(delay, self._on_due, queue)
+                # next safety-net poll.
+                self._wake_at(queue, delay)
+
+    def _wake_at(self, queue: str, delay: float) -> None:
+        """Mark ``queue`` ready after ``delay`` seconds: one timer per queue, the earliest."""
+        due = monotonic() + delay
+        if due < self._due.get(queue, float("inf")):
+            self._due[queue] = due
+            if self._hub is not None:
+                self._hub.call_later(delay, self._on_due, queue)
 
     def _reconnect_listener(self) -> None:
         if self._hub is not None and self._listener is not None and self._listener.conn is not None:
@@ -505,6 +512,10 @@ class Transport(virtual.Transport):
                 messages = channel.claim(queue, limit)
                 if len(messages) < limit:
                     self._ready.discard(queue)  # drained: wait for a wake-up or the next poll
+                    if messages:
+                        # An active queue: producers skip the NOTIFY for a message published
+                        # right after another (see Database.should_notify), so look again soon.
+                        self._wake_at(queue, database.FOLLOW_UP_SECONDS)
                 for message in messages:
                     self._deliver(message, queue)
                 delivered += len(messages)
