@@ -6,7 +6,7 @@ import logging
 from celery import signals
 
 from kombu_pg.config import SCHEMES
-from kombu_pg.transport import MAX_ATTEMPTS_HEADER, Transport
+from kombu_pg.transport import MAX_ATTEMPTS_HEADER, UNIQUE_KEY_HEADER, Transport
 
 from . import consumer, inflight, metrics, retries
 
@@ -41,7 +41,7 @@ def install(app) -> dict:
     inflight.install()
     consumer.install()
     signals.worker_init.connect(_announce, weak=False, dispatch_uid="kombu_pg.announce")
-    signals.before_task_publish.connect(_publish_max_attempts, weak=False, dispatch_uid="kombu_pg.publish")
+    signals.before_task_publish.connect(_publish_headers, weak=False, dispatch_uid="kombu_pg.publish")
     app.on_after_finalize.connect(_wrap_tasks, weak=False, dispatch_uid="kombu_pg.wrap")
     app.steps["worker"].add(metrics.WorkerMetrics)  # /metrics, when a port is configured
     app._kombu_pg_installed = True
@@ -59,14 +59,23 @@ def _wrap_tasks(sender=None, **kwargs):
         retries.wrap(task)
 
 
-def _publish_max_attempts(sender=None, headers=None, **kwargs):
-    """Carry a task's max_attempts in the message, for the reaper of expired leases."""
+def _publish_headers(sender=None, headers=None, body=None, **kwargs):
+    """Carry a task's max_attempts (for the reaper of expired leases) and unique key in the
+    message headers."""
     from celery import current_app
 
     task = current_app.tasks.get(sender) if isinstance(sender, str) else None
+    if task is None or headers is None:
+        return
     max_attempts = getattr(task, "max_attempts", None)
-    if max_attempts and headers is not None:
+    if max_attempts:
         headers[MAX_ATTEMPTS_HEADER] = int(max_attempts)
+    unique_key = getattr(task, "unique_key", None)
+    if unique_key is not None and UNIQUE_KEY_HEADER not in headers:
+        if callable(unique_key):  # unique_key(args, kwargs) -> str
+            args, kwargs = (body[0], body[1]) if isinstance(body, (tuple, list)) else ((), {})
+            unique_key = unique_key(args, kwargs)
+        headers[UNIQUE_KEY_HEADER] = str(unique_key)
 
 
 def _explicitly_set(app, key: str) -> bool:

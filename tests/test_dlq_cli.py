@@ -90,11 +90,11 @@ def test_replay_after_the_bug_is_fixed(make_app, procs, env):
     out = procs.celery(app, "pg", "dlq", "replay", "--all", "--task", app.task_name("flaky"))
     assert out.returncode == 0, out.stderr
     assert "replayed 3 dead letter(s)" in out.stdout, out.stdout
-    # Fresh AsyncResults: a result object caches its first ready state (the FAILURE).
-    fresh = [app.app.AsyncResult(r.id) for r in results]
-    for r in fresh:
-        wait_for(lambda: r.state == "SUCCESS", 30, what=f"{r.id} to succeed after the replay")
-    assert sorted(r.result for r in fresh) == ["fixed job0", "fixed job1", "fixed job2"]
+    # A new AsyncResult per poll: a result object caches the first ready state it reads (FAILURE).
+    for r in results:
+        wait_for(lambda: app.app.AsyncResult(r.id).state == "SUCCESS", 30,
+                 what=f"{r.id} to succeed after the replay")
+    assert sorted(app.app.AsyncResult(r.id).result for r in results) == ["fixed job0", "fixed job1", "fixed job2"]
     wait_for(lambda: env.message_count() == 0, 10, what="the replayed messages to be acked")
 
     rows = dead_letters(env)
