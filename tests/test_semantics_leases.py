@@ -119,15 +119,20 @@ time.sleep(600)
 
 @pytest.mark.slow
 def test_expired_lease_at_max_attempts_is_reaped_to_dead_letters(env, procs, kombu_conn, tmp_path):
-    options = dict(env.transport_options, visibility_timeout=1, max_attempts=2, sweep_interval=0.5)
+    options = dict(env.transport_options, visibility_timeout=2, max_attempts=2, sweep_interval=0.5)
     script = write_script(tmp_path, "holder.py", HOLDER)
     publisher = kombu_conn(**options)
+
+    def state():
+        return [{k: row[k] for k in ("id", "lease_token", "delivery_count", "invisible", "errors")}
+                for row in env.messages()]
+
     publisher.SimpleQueue("reapq").put({"n": 1})
 
     for attempt in (1, 2):
         holder = procs.spawn([PY, str(script), env.url, json.dumps(options)], name=f"holder{attempt}")
         line = wait_for(lambda: next((l for l in holder.log().splitlines() if l.startswith("GOT")), None),
-                        30, what=f"holder {attempt} to take the message")
+                        30, what=lambda: f"holder {attempt} to take the message; rows: {state()}")
         assert line == f'GOT {attempt} {attempt > 1} {{"n": 1}}', line
         holder.kill9()
 
@@ -142,7 +147,8 @@ def test_expired_lease_at_max_attempts_is_reaped_to_dead_letters(env, procs, kom
             return dead_letters(env)
         raise AssertionError(f"a message at its delivery cap was delivered again: {message.payload}")
 
-    [letter] = wait_for(reaped, 20, interval=0.05, what="the expired lease to be dead-lettered")
+    [letter] = wait_for(reaped, 20, interval=0.05,
+                        what=lambda: f"the expired lease to be dead-lettered; rows: {state()}")
     assert letter["reason"] == "lease_expired"
     assert letter["queue"] == "reapq"
     assert letter["attempts"] == 2 and letter["max_attempts"] == 2
