@@ -236,7 +236,9 @@ class Scheduler(beat.Scheduler):
         return schedstate(False, plan.check_in or self.refresh)
 
     def apply_entry(self, entry, producer=None):
-        """Send the due tick of ``entry``, if one is due (see :meth:`_send`)."""
+        """Send the due tick of ``entry``, if one is due and this scheduler leads (see :meth:`_send`)."""
+        if not self._leader or self._conn is None:
+            return None
         plan = self._plan(entry, self.app.now())
         if plan.slot is None:
             self._remember(entry.name, plan)

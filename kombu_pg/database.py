@@ -46,6 +46,7 @@ class Database:
         self.q: Queries = for_schema(options.schema)
         self._pool: ConnectionPool | None = None
         self._pool_lock = threading.Lock()
+        self._users = 0  # open transports using this database
         self._ready = False
         self.leases = LeaseKeeper(self)
         self.acker = Acker(self)
@@ -73,6 +74,22 @@ class Database:
                         kwargs={"autocommit": True}, timeout=self.options.connect_timeout,
                         name=f"kombu_pg[{os.getpid()}]", open=True)
         return self._pool
+
+    def acquire(self) -> None:
+        """A transport (Kombu connection) starts using this database."""
+        with self._pool_lock:
+            self._users += 1
+
+    def release(self) -> None:
+        """A transport is done: once none is left, close the pool (reopened on next use), so a
+        process that used many URLs or schemas does not keep idle server connections for each."""
+        with self._pool_lock:
+            self._users = max(self._users - 1, 0)
+            if self._users or self._pool is None:
+                return
+            pool, self._pool = self._pool, None
+        self.acker.flush()
+        pool.close()
 
     def ensure_ready(self) -> None:
         """Check that we can connect, and migrate the schema once per process."""

@@ -58,6 +58,7 @@ class LeaseKeeper:
         with self._lock:
             held = dict(self._held)
         if not held:
+            self._close()  # nothing to renew: give the server its connection back
             return 0
         if self._conn is None or self._conn.closed:
             self._conn = self.db.connect()

@@ -8,6 +8,7 @@ so routing works across processes.
 """
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import hashlib
 import logging
@@ -381,6 +382,8 @@ class Transport(virtual.Transport):
         self._listener: Listener | None = None
         self._ready: set[str] = set()  # queues that may have deliverable messages
         self._due: dict[str, float] = {}  # queue -> monotonic time its next known message is due
+        self._buffered: collections.deque = collections.deque()  # claimed, not yet delivered
+        self.db.acquire()
         self._hub = None
         self._timer = None
         self._next_poll = self._next_touch = self._next_sweep = 0.0
@@ -397,9 +400,13 @@ class Transport(virtual.Transport):
 
     def close_connection(self, connection):
         try:
+            if self._buffered:
+                self._release_unprocessed(list(self._buffered))
+                self._buffered.clear()
             super().close_connection(connection)
             self.db.acker.flush()
         finally:
+            self.db.release()
             self._unregister()
             if self._listener is not None:
                 self._listener.close()
@@ -457,6 +464,7 @@ class Transport(virtual.Transport):
         if self._due.get(queue, float("inf")) <= monotonic() + 0.001:
             del self._due[queue]
             self._ready.add(queue)
+            self._deliver_from_hub()
 
     def _housekeeping(self) -> None:
         """Due ETAs, safety-net poll, keep-alive of consumed queues, and the expiry sweep."""
@@ -491,8 +499,15 @@ class Transport(virtual.Transport):
             logger.info("kombu_pg: sweep removed %d message(s) of expired queues and %d expired "
                         "message(s)", queues_gone, expired)
 
-    def deliver_ready(self) -> int:
-        """Claim and deliver messages of the queues marked ready, within prefetch limits."""
+    def deliver_ready(self, one: bool = False) -> int:
+        """Claim and deliver messages of the queues marked ready, within prefetch limits.
+
+        With ``one``, deliver a single message and keep the rest of the batch for the next calls:
+        synchronous consumers (Kombu's pidbox collecting replies) count drain_events() calls as
+        messages. Kept messages are leased and renewed like delivered ones.
+        """
+        if one and self._buffered:
+            return self._deliver_buffered()
         delivered = 0
         for channel in list(self.channels):
             for queue in list(channel._active_queues):
@@ -516,10 +531,38 @@ class Transport(virtual.Transport):
                         # An active queue: producers skip the NOTIFY for a message published
                         # right after another (see Database.should_notify), so look again soon.
                         self._wake_at(queue, database.FOLLOW_UP_SECONDS)
+                if one and messages:
+                    for message in messages:
+                        self.db.leases.hold(*parse_tag(message["properties"]["delivery_tag"]))
+                    self._buffered.extend((queue, message) for message in messages)
+                    return self._deliver_buffered()
                 for message in messages:
                     self._deliver(message, queue)
                 delivered += len(messages)
         return delivered
+
+    def _deliver_buffered(self) -> int:
+        queue, message = self._buffered.popleft()
+        if queue not in self._callbacks:  # its consumer was cancelled meanwhile
+            self._release_unprocessed([(queue, message)])
+            return 0
+        self._deliver(message, queue)
+        return 1
+
+    def _release_unprocessed(self, items) -> None:
+        ids, tokens = [], []
+        for _, message in items:
+            message_id, token = parse_tag(message["properties"]["delivery_tag"])
+            ids.append(message_id)
+            tokens.append(token)
+        try:
+            self.db.run(self.db.q.release, {"ids": ids, "tokens": tokens,
+                                            "channel": self.options.notify_channel}, fetch=True)
+        except database.CONNECTION_ERRORS as exc:
+            logger.warning("kombu_pg: could not release %d message(s) (%s): they are redelivered "
+                           "when their leases expire", len(ids), exc)
+        finally:
+            self.db.leases.forget(ids)
 
     # -- the worker's event loop ------------------------------------------------------------
 
@@ -528,10 +571,22 @@ class Transport(virtual.Transport):
         if self.options.listen:
             self._reconnect_listener()
         loop.on_tick.add(self._on_tick)
-        self._timer = loop.call_repeatedly(min(self.options.polling_interval, 1.0), self._housekeeping)
+        self._timer = loop.call_repeatedly(min(self.options.polling_interval, 1.0), self._hub_housekeeping)
 
     def _on_readable(self):
         self._read_notifications()
+        self._deliver_from_hub()
+
+    def _deliver_from_hub(self) -> None:
+        # Deliver here, not only from on_tick: Celery schedules a task carrying an eta on the
+        # hub's timer, and the hub computes how long to block before on_tick runs, so a message
+        # handed over from on_tick would wait for the next unrelated timer (up to a second).
+        if self._hub is not None and self._ready:
+            self.deliver_ready()
+
+    def _hub_housekeeping(self):
+        self._housekeeping()
+        self._deliver_from_hub()
 
     def _on_tick(self):
         if self._ready:
@@ -558,7 +613,7 @@ class Transport(virtual.Transport):
             self._reconnect_listener()
         while True:
             self._housekeeping()
-            if self._ready and self.deliver_ready():
+            if (self._ready or self._buffered) and self.deliver_ready(one=True):
                 return
             now = monotonic()
             if deadline is not None and now >= deadline:
