@@ -27,12 +27,19 @@ class Queries:
 
     def __init__(self, schema: str):
         self.schema = schema
-        ident = sql.Identifier(schema)
+        # Fragments (blocks named fragment_*) are spliced into the statements that name them.
+        values = {"schema": sql.Identifier(schema)}
+        values.update((name.removeprefix("fragment_"), sql.SQL(_code(template)))
+                      for name, template in _TEMPLATES.items() if name.startswith("fragment_"))
         for name, template in _TEMPLATES.items():
-            # Only the schema goes through format(); values stay %(name)s placeholders.
-            # Comment lines are for readers of queries.sql, not for the wire.
-            code = "\n".join(line for line in template.splitlines() if not line.startswith("--"))
-            setattr(self, name, sql.SQL(code).format(schema=ident).as_string(None))
+            if not name.startswith("fragment_"):
+                # Only names go through format(); values stay %(name)s placeholders.
+                setattr(self, name, sql.SQL(_code(template)).format(**values).as_string(None))
+
+
+def _code(template: str) -> str:
+    """Comment lines are for readers of queries.sql, not for the wire."""
+    return "\n".join(line for line in template.splitlines() if not line.startswith("--"))
 
 
 @functools.cache

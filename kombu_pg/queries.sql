@@ -309,7 +309,18 @@ SELECT 'dead_lettered', message_id, queue, task_id, attempts FROM buried
 UNION ALL
 SELECT 'returned', id, queue, task_id, delivery_count FROM returned
 
--- Operator statements (dead letters, stats). Filters are optional: a NULL parameter matches all.
+-- Operator statements (dead letters, stats).
+
+-- name: fragment_dead_letter_filter
+-- Which dead letters an operator means: every filter is optional, a NULL parameter matches all.
+-- (A fragment: inserted where another statement says {dead_letter_filter}.)
+(%(queue)s::text IS NULL OR queue = %(queue)s)
+  AND (%(task)s::text IS NULL OR task_name = %(task)s)
+  AND (%(reason)s::text IS NULL OR reason = %(reason)s)
+  AND (%(older_than_s)s::float8 IS NULL OR dead_lettered_at < now() - %(older_than_s)s * interval '1 second')
+  AND (%(newer_than_s)s::float8 IS NULL OR dead_lettered_at >= now() - %(newer_than_s)s * interval '1 second')
+  AND (%(replayed)s::boolean IS NULL OR (replayed_at IS NOT NULL) = %(replayed)s)
+  AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s))
 
 -- name: dlq_list
 -- Keyset pagination on id: stable and cheap however many dead letters there are.
@@ -317,13 +328,7 @@ SELECT id, message_id, queue, task_id, task_name, reason, attempts, max_attempts
        dead_lettered_at, replayed_at, errors -> -1 ->> 'type', errors -> -1 ->> 'message'
 FROM {schema}.dead_letters
 WHERE id > %(after)s
-  AND (%(queue)s::text IS NULL OR queue = %(queue)s)
-  AND (%(task)s::text IS NULL OR task_name = %(task)s)
-  AND (%(reason)s::text IS NULL OR reason = %(reason)s)
-  AND (%(older_than_s)s::float8 IS NULL OR dead_lettered_at < now() - %(older_than_s)s * interval '1 second')
-  AND (%(newer_than_s)s::float8 IS NULL OR dead_lettered_at >= now() - %(newer_than_s)s * interval '1 second')
-  AND (%(replayed)s::boolean IS NULL OR (replayed_at IS NOT NULL) = %(replayed)s)
-  AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s))
+  AND {dead_letter_filter}
 ORDER BY id
 LIMIT %(limit)s
 
@@ -342,12 +347,7 @@ WITH picked AS (
     FROM {schema}.dead_letters
     WHERE replayed_at IS NULL
       AND id > %(after)s
-      AND (%(queue)s::text IS NULL OR queue = %(queue)s)
-      AND (%(task)s::text IS NULL OR task_name = %(task)s)
-      AND (%(reason)s::text IS NULL OR reason = %(reason)s)
-      AND (%(older_than_s)s::float8 IS NULL OR dead_lettered_at < now() - %(older_than_s)s * interval '1 second')
-      AND (%(newer_than_s)s::float8 IS NULL OR dead_lettered_at >= now() - %(newer_than_s)s * interval '1 second')
-      AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s))
+      AND {dead_letter_filter}
     ORDER BY id
     LIMIT %(limit)s
     FOR UPDATE
@@ -370,13 +370,7 @@ SELECT (SELECT count(*) FROM requeued),
 
 -- name: dlq_purge
 DELETE FROM {schema}.dead_letters
-WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)
-  AND (%(task)s::text IS NULL OR task_name = %(task)s)
-  AND (%(reason)s::text IS NULL OR reason = %(reason)s)
-  AND (%(older_than_s)s::float8 IS NULL OR dead_lettered_at < now() - %(older_than_s)s * interval '1 second')
-  AND (%(newer_than_s)s::float8 IS NULL OR dead_lettered_at >= now() - %(newer_than_s)s * interval '1 second')
-  AND (%(replayed)s::boolean IS NULL OR (replayed_at IS NOT NULL) = %(replayed)s)
-  AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s))
+WHERE {dead_letter_filter}
 
 -- name: stats_queues
 -- Ready: deliverable now. Delayed: waiting for an ETA or a retry backoff. Leased: held by a
@@ -402,10 +396,4 @@ ORDER BY 1, 2
 -- name: dlq_count
 SELECT count(*)
 FROM {schema}.dead_letters
-WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)
-  AND (%(task)s::text IS NULL OR task_name = %(task)s)
-  AND (%(reason)s::text IS NULL OR reason = %(reason)s)
-  AND (%(older_than_s)s::float8 IS NULL OR dead_lettered_at < now() - %(older_than_s)s * interval '1 second')
-  AND (%(newer_than_s)s::float8 IS NULL OR dead_lettered_at >= now() - %(newer_than_s)s * interval '1 second')
-  AND (%(replayed)s::boolean IS NULL OR (replayed_at IS NOT NULL) = %(replayed)s)
-  AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s))
+WHERE {dead_letter_filter}
