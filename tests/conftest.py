@@ -71,6 +71,25 @@ def sqlalchemy_url(url: str) -> str:
     return f"db+postgresql+psycopg://{rest}"
 
 
+INTEGRATION_LINE = "kombu-pg: PostgreSQL broker integration active:"
+
+
+def assert_automatic(app, *workers) -> None:
+    """The app module never mentions this package; the integration announced itself anyway."""
+    source = app.path.read_text()
+    assert "kombu_pg" not in source and "celery_ext" not in source
+    for worker in workers:
+        assert INTEGRATION_LINE in worker.log(), f"{worker.name} did not log the integration line"
+
+
+def dead_letters(env) -> list[dict]:
+    """Rows of the test's dead_letters table, oldest first."""
+    if not env.db.table_exists(env.broker_schema, "dead_letters"):
+        return []
+    cur = env.db.conn.cursor(row_factory=psycopg.rows.dict_row)
+    return cur.execute(f'SELECT * FROM "{env.broker_schema}".dead_letters ORDER BY id').fetchall()
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:12]}"
 

@@ -8,9 +8,8 @@ import psycopg.rows
 import pytest
 from psycopg import sql
 
-from conftest import console_script, wait_for
+from conftest import INTEGRATION_LINE, console_script, dead_letters, wait_for
 
-INTEGRATION_LINE = "kombu-pg: PostgreSQL broker integration active:"
 
 # The task reads a flag in the database: failing while it says "broken", as with a bug that is
 # fixed later (the flag is flipped), after which the dead letters are replayed.
@@ -28,12 +27,6 @@ def flaky(self, label):
     return f"fixed {label}"
 '''
 
-
-def dead_letters(env) -> list[dict]:
-    if not env.db.table_exists(env.broker_schema, "dead_letters"):
-        return []
-    cur = env.db.conn.cursor(row_factory=psycopg.rows.dict_row)
-    return cur.execute(f'SELECT * FROM "{env.broker_schema}".dead_letters ORDER BY id').fetchall()
 
 
 def kombu_pg(procs, env, *args, ok: bool = True):

@@ -11,9 +11,8 @@ import kombu
 import psycopg.rows
 import pytest
 
-from conftest import wait_for
+from conftest import assert_automatic, dead_letters, wait_for
 
-INTEGRATION_LINE = "kombu-pg: PostgreSQL broker integration active:"
 
 TASKS = '''
 from celery.exceptions import Reject
@@ -26,18 +25,6 @@ def refuses(self, label):
 '''
 
 
-def assert_automatic(app, *workers) -> None:
-    source = app.path.read_text()
-    assert "kombu_pg" not in source and "celery_ext" not in source
-    for worker in workers:
-        assert INTEGRATION_LINE in worker.log(), f"{worker.name} did not log the integration line"
-
-
-def dead_letters(env) -> list[dict]:
-    if not env.db.table_exists(env.broker_schema, "dead_letters"):
-        return []
-    cur = env.db.conn.cursor(row_factory=psycopg.rows.dict_row)
-    return cur.execute(f'SELECT * FROM "{env.broker_schema}".dead_letters ORDER BY id').fetchall()
 
 
 @pytest.mark.parametrize("pool", ["prefork", "solo"])

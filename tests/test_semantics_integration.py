@@ -4,9 +4,10 @@ settings it defaults are in force in the worker unless the user set them."""
 from __future__ import annotations
 
 import pytest
+
+from conftest import INTEGRATION_LINE
 from celery import Celery
 
-INTEGRATION_LINE = "kombu-pg: PostgreSQL broker integration active:"
 SETTINGS = ("task_acks_late", "task_reject_on_worker_lost", "task_acks_on_failure", "task_acks_on_timeout")
 
 TASKS = '''

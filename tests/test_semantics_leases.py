@@ -12,26 +12,10 @@ import json
 import kombu
 import pytest
 
-from conftest import PY, console_script, wait_for, write_script
-
-INTEGRATION_LINE = "kombu-pg: PostgreSQL broker integration active:"
+from conftest import PY, assert_automatic, console_script, dead_letters, wait_for, write_script
 
 
-def assert_automatic(app, *workers) -> None:
-    """The app module never mentions this package; the integration announced itself anyway."""
-    source = app.path.read_text()
-    assert "kombu_pg" not in source and "celery_ext" not in source
-    for worker in workers:
-        assert INTEGRATION_LINE in worker.log(), f"{worker.name} did not log the integration line"
 
-
-def dead_letters(env) -> list[dict]:
-    import psycopg.rows
-
-    if not env.db.table_exists(env.broker_schema, "dead_letters"):
-        return []
-    cur = env.db.conn.cursor(row_factory=psycopg.rows.dict_row)
-    return cur.execute(f'SELECT * FROM "{env.broker_schema}".dead_letters ORDER BY id').fetchall()
 
 
 # --- 1. a task much longer than the visibility timeout runs exactly once ------------------------

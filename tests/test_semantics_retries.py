@@ -13,9 +13,8 @@ import os
 import psycopg.rows
 import pytest
 
-from conftest import console_script, wait_for
+from conftest import assert_automatic, console_script, dead_letters, wait_for
 
-INTEGRATION_LINE = "kombu-pg: PostgreSQL broker integration active:"
 
 TASKS = '''
 import os as _os
@@ -72,19 +71,6 @@ def retries_itself_exc(self, label):
 '''
 
 
-def assert_automatic(app, *workers) -> None:
-    """The app module never mentions this package; the integration announced itself anyway."""
-    source = app.path.read_text()
-    assert "kombu_pg" not in source and "celery_ext" not in source
-    for worker in workers:
-        assert INTEGRATION_LINE in worker.log(), f"{worker.name} did not log the integration line"
-
-
-def dead_letters(env) -> list[dict]:
-    if not env.db.table_exists(env.broker_schema, "dead_letters"):
-        return []
-    cur = env.db.conn.cursor(row_factory=psycopg.rows.dict_row)
-    return cur.execute(f'SELECT * FROM "{env.broker_schema}".dead_letters ORDER BY id').fetchall()
 
 
 def wait_state(result, state: str, timeout: float, seen: set | None = None) -> None:
