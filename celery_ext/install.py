@@ -1,6 +1,7 @@
 """What the integration does to a Celery app whose broker is this transport."""
 from __future__ import annotations
 
+import inspect
 import logging
 
 from celery import signals
@@ -70,7 +71,11 @@ def _publish_headers(sender=None, headers=None, body=None, **kwargs):
     max_attempts = getattr(task, "max_attempts", None)
     if max_attempts:
         headers[MAX_ATTEMPTS_HEADER] = int(max_attempts)
-    unique_key = getattr(task, "unique_key", None)
+    # Static lookup: a function given as a task option is stored on the task class, where
+    # plain attribute access would bind it as a method.
+    unique_key = inspect.getattr_static(task, "unique_key", None)
+    if isinstance(unique_key, staticmethod):
+        unique_key = unique_key.__func__
     if unique_key is not None and UNIQUE_KEY_HEADER not in headers:
         if callable(unique_key):  # unique_key(args, kwargs) -> str
             args, kwargs = (body[0], body[1]) if isinstance(body, (tuple, list)) else ((), {})
