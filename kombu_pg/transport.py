@@ -383,6 +383,8 @@ class Transport(virtual.Transport):
         self._ready: set[str] = set()  # queues that may have deliverable messages
         self._due: dict[str, float] = {}  # queue -> monotonic time its next known message is due
         self._buffered: collections.deque = collections.deque()  # claimed, not yet delivered
+        self._kick_recv = self._kick_send = None
+        self._kicked = False
         self.db.acquire()
         self._hub = None
         self._timer = None
@@ -539,6 +541,12 @@ class Transport(virtual.Transport):
                 for message in messages:
                     self._deliver(message, queue)
                 delivered += len(messages)
+                if queue in self._ready:
+                    # A full batch: more may be waiting. Make the event loop come round again
+                    # rather than block in poll() until the next timer: Celery acks through the
+                    # hub's call_soon(), which only runs on the next round, and then there is
+                    # room to claim again (the solo pool has no other socket to wake the loop).
+                    self._kick()
         return delivered
 
     def _deliver_buffered(self) -> int:
@@ -566,8 +574,31 @@ class Transport(virtual.Transport):
 
     # -- the worker's event loop ------------------------------------------------------------
 
+    def _kick(self) -> None:
+        if self._hub is not None and not self._kicked:
+            self._kicked = True
+            try:
+                self._kick_send.send(b"\0")
+            except OSError:
+                self._kicked = False
+
+    def _on_kick(self) -> None:
+        try:
+            self._kick_recv.recv(64)
+        except OSError:
+            pass
+        self._kicked = False
+        self._deliver_from_hub()
+
     def register_with_event_loop(self, connection, loop):
         self._hub = loop
+        # The hub blocks in poll() until a socket is readable or a timer is due; this pair lets
+        # the transport ask for another round when it still has messages to claim.
+        self._kick_recv, self._kick_send = socket.socketpair()
+        self._kick_recv.setblocking(False)
+        self._kick_send.setblocking(False)
+        self._kicked = False
+        loop.add_reader(self._kick_recv.fileno(), self._on_kick)
         if self.options.listen:
             self._reconnect_listener()
         loop.on_tick.add(self._on_tick)
@@ -599,6 +630,14 @@ class Transport(virtual.Transport):
         hub.on_tick.discard(self._on_tick)
         if self._timer is not None:
             self._timer.cancel()
+        if self._kick_recv is not None:
+            try:
+                hub.remove_reader(self._kick_recv.fileno())
+            except Exception:
+                pass
+            self._kick_recv.close()
+            self._kick_send.close()
+            self._kick_recv = self._kick_send = None
         if self._listener is not None and self._listener.conn is not None:
             try:
                 hub.remove_reader(self._listener.fileno())
