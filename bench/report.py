@@ -137,7 +137,10 @@ def section(results: dict) -> str:
            f"rerun with `python -m bench.run --repeat 5 && python -m bench.report`."]
     if not meta.get("valid", True):
         out += ["", "**These results are invalid: PostgreSQL ran with fsync off.**"]
-    out += ["", "### Method", "", METHOD.format(repeat=meta["repeat"]), "", "### Machine", ""]
+    out += ["", "### Method", "", METHOD.format(repeat=meta["repeat"]), ""]
+    # Anything done to the results file by hand (a scenario re-run and merged) is said here.
+    out += [f"Note: {note}." for note in meta.get("notes", [])]
+    out += ["", "### Machine", ""]
     out += machine_lines(meta)
     out += ["", "### Results", "", "![throughput](bench/throughput.png)", "",
             "![latency](bench/latency.png)"]
