@@ -14,6 +14,17 @@ from kombu import Exchange, Queue
 PAD = "x" * 64
 
 
+
+def paced(n: int, rate: float | None):
+    """Yield 0..n-1, at ``rate`` per second if given (as fast as possible otherwise)."""
+    start = time.time()
+    for i in range(n):
+        if rate:
+            delay = start + i / rate - time.time()
+            if delay > 0:
+                time.sleep(delay)
+        yield i
+
 def kombu_queue(name: str) -> Queue:
     return Queue(name, Exchange(name, type="direct", durable=True), routing_key=name, durable=True)
 
@@ -39,11 +50,7 @@ def publish(endpoint, queue_name: str, n: int, rate: float | None = None,
         if go is not None:
             go.wait()
         start = time.time()
-        for i in range(n):
-            if rate:
-                delay = start + i / rate - time.time()
-                if delay > 0:
-                    time.sleep(delay)
+        for i in paced(n, rate):
             producer.publish({"i": i, "t": time.time(), "pad": PAD}, exchange=queue.exchange,
                              routing_key=queue_name, delivery_mode=2, retry=False)
         end = time.time()

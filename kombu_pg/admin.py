@@ -97,12 +97,6 @@ class Admin:
             rows = conn.execute(self.q.dlq_list, dict(filter.params(), after=after, limit=limit)).fetchall()
         return [DeadLetterSummary(*row) for row in rows]
 
-    def iter_dead_letters(self, filter: Filter = Filter(), page: int = 500, **filters) -> Iterator[DeadLetterSummary]:
-        after = 0
-        while batch := self.dead_letters(filter, after=after, limit=page, **filters):
-            yield from batch
-            after = batch[-1].id
-
     def dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
         with self.connect() as conn:
             row = conn.execute(self.q.dlq_get, {"id": dead_letter_id}).fetchone()

@@ -2,6 +2,16 @@
 -- values are always bound parameters. Times are compared with the server's now(), never a
 -- client clock.
 
+-- name: fragment_on_duplicate_key
+-- With a unique key, a message already waiting or running under that key wins: nothing is
+-- inserted and no row returned (the caller logs the duplicate). In replace mode a waiting one
+-- takes the new content instead; a running one still wins.
+ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL DO UPDATE
+    SET payload = excluded.payload, priority = excluded.priority, visible_at = excluded.visible_at,
+        expires_at = excluded.expires_at, task_id = excluded.task_id
+    WHERE %(unique_replace)s AND messages.lease_token IS NULL
+    RETURNING queue, visible_at
+
 -- name: publish_direct
 -- Publish to one queue (the default exchange). The queue's x-message-ttl, if declared, and the
 -- message's own expiration both bound expires_at; least() ignores NULLs.
@@ -9,9 +19,6 @@
 -- transaction. Its payload says when the message becomes visible (see wake_payload). It costs
 -- about as much as the insert, so a producer skips it right after notifying the same queue
 -- (notify=false); consumers that just got messages look again shortly after anyway.
--- With a unique key, a message already waiting or running under that key wins: nothing is
--- inserted and no row returned (the caller logs the duplicate). In replace mode a waiting one
--- takes the new content instead; a running one still wins.
 WITH ins AS (
     INSERT INTO {schema}.messages
         (queue, priority, visible_at, expires_at, payload, task_id, task_name, max_attempts, unique_key)
@@ -20,11 +27,7 @@ WITH ins AS (
            %(payload)s, %(task_id)s, %(task_name)s, %(max_attempts)s, %(unique_key)s
     FROM (VALUES (1)) AS one
     LEFT JOIN {schema}.queues q ON q.name = %(queue)s
-    ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL DO UPDATE
-    SET payload = excluded.payload, priority = excluded.priority, visible_at = excluded.visible_at,
-        expires_at = excluded.expires_at, task_id = excluded.task_id
-    WHERE %(unique_replace)s AND messages.lease_token IS NULL
-    RETURNING queue, visible_at
+    {on_duplicate_key}
 )
 SELECT queue, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, {schema}.wake_payload(visible_at) || queue) END
 FROM ins
@@ -51,11 +54,7 @@ WITH targets AS (
            %(payload)s, %(task_id)s, %(task_name)s, %(max_attempts)s, %(unique_key)s
     FROM targets t
     LEFT JOIN {schema}.queues q ON q.name = t.queue
-    ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL DO UPDATE
-    SET payload = excluded.payload, priority = excluded.priority, visible_at = excluded.visible_at,
-        expires_at = excluded.expires_at, task_id = excluded.task_id
-    WHERE %(unique_replace)s AND messages.lease_token IS NULL
-    RETURNING queue, visible_at
+    {on_duplicate_key}
 )
 SELECT queue, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, {schema}.wake_payload(visible_at) || queue) END
 FROM ins

@@ -164,9 +164,6 @@ class Channel(virtual.Channel):
             "channel": self.options.notify_channel,
         }
 
-    def _put(self, queue, message, **kwargs):
-        self.db.run(self.db.q.publish_direct, dict(self._publish_params(message), queue=queue), fetch=True)
-
     # -- consuming --------------------------------------------------------------------------
 
     def claim(self, queue: str, limit: int) -> list[dict]:
@@ -252,9 +249,6 @@ class Channel(virtual.Channel):
                            "its lease expires", message_id, exc)
         finally:
             self.db.leases.forget([message_id])
-
-    def _restore_at_beginning(self, message):
-        return self._restore(message)
 
     # -- queues -----------------------------------------------------------------------------
 

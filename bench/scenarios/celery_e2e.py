@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .. import celery_app, procs, stats
+from .. import celery_app, messaging, procs, stats
 
 NAME = "celery_e2e"
 KINDS = None
@@ -29,11 +29,7 @@ def send_tasks(endpoint, queue: str, n: int, rate: float | None = None,
     with app.producer_or_acquire() as producer:
         producer.connection.ensure_connection(max_retries=3)  # connecting is not publishing
         start = time.time()
-        for i in range(n):
-            if rate:
-                delay = start + i / rate - time.time()
-                if delay > 0:
-                    time.sleep(delay)
+        for _ in messaging.paced(n, rate):
             app.send_task(celery_app.TASK, args=(time.time(),), countdown=countdown, producer=producer)
         end = time.time()
     return {"start": start, "end": end, "n": n}
