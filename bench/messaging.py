@@ -61,16 +61,18 @@ def consume(endpoint, queue_name: str, n: int, prefetch: int = 100, within: floa
             ready=None, latencies: bool = False) -> dict:
     """Consume and ack ``n`` messages.
 
-    ``start`` is when consuming began; ``end`` is after the connection closed, since a transport
-    may send acks in the background (kombu-pg batches them) and closing waits for them.
+    ``start`` is when consuming began (before the queue is declared); ``first`` is when the first
+    message arrived; ``end`` is after the connection closed, since a transport may send acks in
+    the background (kombu-pg batches them) and closing waits for them.
     """
     got = 0
-    last_ack = None
+    first = last_ack = None
     samples: list[float] = []
 
     def on_message(body, message):
-        nonlocal got, last_ack
+        nonlocal got, first, last_ack
         now = time.time()
+        first = first or now
         if latencies:
             samples.append(now - body["t"])
         message.ack()
@@ -93,4 +95,4 @@ def consume(endpoint, queue_name: str, n: int, prefetch: int = 100, within: floa
     end = time.time()
     if got < n:
         raise TimeoutError(f"consumed {got} of {n} messages within {within:.0f}s")
-    return {"start": start, "end": end, "last_ack": last_ack, "n": got, "latencies": samples}
+    return {"start": start, "first": first, "end": end, "last_ack": last_ack, "n": got, "latencies": samples}
