@@ -72,18 +72,21 @@ def limit_table(results: dict) -> list[str]:
 
     clients = scenarios["pgbench_limit"]["params"]["clients"]
     # Kombu's consumer claims up to its prefetch (100) per statement and batches acks: the
-    # matching SQL is the batched script; claim1_ack is the floor without any batching.
+    # matching SQL is the batched script; claim1_ack is the floor without any batching. One
+    # producer or consumer runs its statements one at a time: its match is pgbench's 1 client.
     pairs = [("publish, one producer (`kombu_publish`)",
               median("kombu_publish", "msgs_per_s"), "insert_routed"),
              ("consume+ack, one consumer (`kombu_consume`)",
               median("kombu_consume", "msgs_per_s"), "claim100_ack")]
     rows = []
     for what, transport, script in pairs:
-        sql = limit.get(f"{script}.msgs_per_s", {}).get("median")
-        share = f"{transport / sql:.0%}" if transport and sql else "–"
-        rows.append([what, fmt(transport), f"`{script}`: {fmt(sql)}", share])
+        limits = [limit.get(f"{script}.c{c}.msgs_per_s", {}).get("median") for c in (1, clients)]
+        shares = [f"{transport / sql:.0%}" if transport and sql else "–" for sql in limits]
+        rows.append([what, fmt(transport), f"`{script}`: {fmt(limits[0])}", shares[0],
+                     fmt(limits[1]), shares[1]])
     return ["kombu-pg through Kombu against its own statements run by pgbench (messages/s):", ""] + \
-        table(["path", "kombu-pg", f"pgbench ({clients} clients)", "transport / pgbench"], rows)
+        table(["path", "kombu-pg", "pgbench, 1 client", "transport / pgbench",
+               f"pgbench, {clients} clients", f"transport / {clients} clients"], rows)
 
 
 def machine_lines(meta: dict) -> list[str]:
@@ -124,7 +127,9 @@ through a durable direct exchange as Celery sends them. Tables show the median o
 repetitions, [min–max] when there were several, and (×r) the ratio of the broker's median to
 kombu-pg's (for throughputs, above 1 is faster than kombu-pg; for latencies and memory, above 1
 is more). Durability differs by design: kombu-pg and the SQLAlchemy transport commit every
-publish and ack to PostgreSQL (settings below; fsync must be on or the harness refuses to run);
+publish and ack durably to PostgreSQL (settings below; fsync must be on or the harness refuses
+to run; kombu-pg's lease claims and renewals alone skip the flush wait, since losing them only
+redelivers);
 RabbitMQ stores persistent messages without publisher confirms; Redis persists per its own
 settings below."""
 
