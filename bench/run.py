@@ -39,6 +39,9 @@ def parse_args(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="SCENARIO.PARAM=VALUE",
                     help="override a scenario parameter, e.g. held_eta.n=20000 (value parsed as JSON)")
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"results file (default {RESULTS})")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other scenarios already in the results file (each scenario "
+                         "records its own date, commit and repetitions)")
     ap.add_argument("--allow-fsync-off", action="store_true",
                     help="run even if PostgreSQL has fsync off (results are marked invalid)")
     return ap.parse_args(argv)
@@ -178,6 +181,14 @@ def main(argv=None) -> int:
                  "broker_urls": {b.name: b.url for b in candidates}},
         "scenarios": {},
     }
+    if args.merge and args.out.exists():
+        earlier = json.loads(args.out.read_text())
+        for scenario in earlier["scenarios"].values():  # written before scenarios recorded these
+            scenario.setdefault("repeat", earlier["meta"]["repeat"])
+            scenario.setdefault("date", earlier["meta"]["machine"]["date"])
+            scenario.setdefault("commit", earlier["meta"]["machine"]["git"])
+        results["scenarios"] = earlier["scenarios"]
+        results["meta"]["valid"] = valid and earlier["meta"].get("valid", True)
     for name in args.scenario or list(SCENARIOS):
         module = SCENARIOS[name]
         params = {**module.PARAMS[mode], **sets.get(name, {})}
@@ -189,7 +200,9 @@ def main(argv=None) -> int:
         started = time.time()
         runs = run_scenario(module, params, targets, args.repeat)
         results["scenarios"][name] = {
-            "doc": (module.__doc__ or "").strip(), "params": params,
+            "doc": (module.__doc__ or "").strip(), "params": params, "repeat": args.repeat,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(started)),
+            "commit": results["meta"]["machine"]["git"],
             "brokers": [b.name for b in targets], "seconds": round(time.time() - started, 1),
             "runs": runs, "summary": summarize(runs)}
         results["meta"]["machine"]["loadavg_at_end"] = os.getloadavg()

@@ -2,9 +2,10 @@
 
 An ack only needs to reach the database eventually (until then the lease keeps the message
 invisible, and a crash just means a redelivery), so ``ack()`` queues it and returns. A thread
-deletes whatever has queued up in one statement, then looks again: under light load each ack
-goes out at once; under heavy load the acks that arrive during one round trip form the next
-batch, like group commit, with no added delay.
+deletes whatever has queued up in one statement, then looks again. Before each statement it
+lingers a few milliseconds for more acks to join: every DELETE is a durable commit, and at a
+few hundred tasks a second one commit per ack would take a disk flush per task from the
+publishers sharing the server. Closing the connection (``flush``) does not linger.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import threading
 
 logger = logging.getLogger(__name__)
 
+LINGER_SECONDS = 0.005
+
 
 class Acker:
     def __init__(self, db):
@@ -20,6 +23,7 @@ class Acker:
         self._pending: list[tuple[int, str, str]] = []  # (id, token, queue)
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
+        self._hurry = threading.Event()  # flush() waiting: no lingering
         self._idle = threading.Event()
         self._idle.set()
         self._thread: threading.Thread | None = None
@@ -38,8 +42,12 @@ class Acker:
         """Wait until every queued ack reached the database (or failed); False on timeout."""
         if self._thread is None:
             return True
+        self._hurry.set()
         self._wakeup.set()
-        return self._idle.wait(timeout)
+        try:
+            return self._idle.wait(timeout)
+        finally:
+            self._hurry.clear()
 
     def stop(self) -> None:
         self.flush()
@@ -51,6 +59,7 @@ class Acker:
             self._wakeup.wait()
             self._wakeup.clear()
             while True:
+                self._hurry.wait(LINGER_SECONDS)  # acks arriving meanwhile join this batch
                 with self._lock:
                     batch, self._pending = self._pending, []
                     if not batch:
