@@ -89,6 +89,51 @@ def limit_table(results: dict) -> list[str]:
                f"pgbench, {clients} clients", f"transport / {clients} clients"], rows)
 
 
+def targets_table(results: dict) -> list[str]:
+    """Each performance target, the figure it is judged on, and whether it was met."""
+    scenarios = results["scenarios"]
+
+    def median(scenario, metric, broker=REFERENCE):
+        s = scenarios.get(scenario, {}).get("summary", {}).get(broker, {}).get(metric)
+        return s["median"] if s else None
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    def row(target, figure, met):
+        return [target, figure, "–" if met is None else ("met" if met else "**missed**")]
+
+    rows = []
+    e2e = ratio(median("celery_e2e", "prefork.tasks_per_s"), median("celery_e2e", "prefork.tasks_per_s", "redis"))
+    rows.append(row("Celery prefork -c 2 tasks/s ≥ 1.0× Redis",
+                    f"{fmt(median('celery_e2e', 'prefork.tasks_per_s'))} tasks/s, "
+                    f"{fmt(e2e)}× Redis", None if e2e is None else e2e >= 1.0))
+    p50, p99 = median("celery_e2e", "prefork.start_p50_ms"), median("celery_e2e", "prefork.start_p99_ms")
+    rows.append(row("Idle publish-to-start (prefork) p50 ≤ 3 ms, p99 ≤ 15 ms",
+                    f"p50 {fmt(p50)} ms, p99 {fmt(p99)} ms",
+                    None if p50 is None or p99 is None else p50 <= 3 and p99 <= 15))
+    consume = median("kombu_consume", "msgs_per_s")
+    vs_sqla, vs_redis = ratio(consume, median("kombu_consume", "msgs_per_s", "sqla")), \
+        ratio(consume, median("kombu_consume", "msgs_per_s", "redis"))
+    rows.append(row("Kombu consume+ack ≥ 10× SQLAlchemy transport and ≥ Redis",
+                    f"{fmt(consume)} msgs/s: {fmt(vs_sqla)}× SQLAlchemy, {fmt(vs_redis)}× Redis",
+                    None if vs_sqla is None or vs_redis is None else vs_sqla >= 10 and vs_redis >= 1))
+    deep = next((v["median"] for k, v in scenarios.get("deep_queue", {}).get("summary", {})
+                 .get(REFERENCE, {}).items() if k.startswith("ratio_")), None)
+    rows.append(row("Deep queue: 1M waiting within 20% of 1k", f"{fmt(deep)}× the 1k rate",
+                    None if deep is None else deep >= 0.8))
+    growth = median("held_eta", "rss_growth_mb")
+    n = scenarios.get("held_eta", {}).get("params", {}).get("n")
+    rows.append(row(f"Held ETA tasks ({fmt(n)}): worker memory growth < 20 MB", f"{fmt(growth)} MB",
+                    None if growth is None else growth < 20))
+    for what, transport, script in (("publish", median("kombu_publish", "msgs_per_s"), "insert_routed"),
+                                    ("consume+ack", consume, "claim100_ack")):
+        share = ratio(transport, median("pgbench_limit", f"{script}.c1.msgs_per_s"))
+        rows.append(row(f"{what} ≥ 50% of pgbench running the same statements (1 client)",
+                        f"{share:.0%}" if share else "–", None if share is None else share >= 0.5))
+    return table(["target", "measured (medians)", ""], rows)
+
+
 def machine_lines(meta: dict) -> list[str]:
     m = meta["machine"]
     rows = [["date (UTC)", m["date"]], ["CPU", f"{m['cpu']}, {m['cores']} cores"],
@@ -145,6 +190,7 @@ def section(results: dict) -> str:
     out += ["", "### Method", "", METHOD, ""]
     # Anything done to the results file by hand (a scenario re-run and merged) is said here.
     out += [f"Note: {note}." for note in meta.get("notes", [])]
+    out += ["", "### Targets", ""] + targets_table(results)
     out += ["", "### Machine", ""]
     out += machine_lines(meta)
     out += ["", "### Results", "", "![throughput](bench/throughput.png)", "",
