@@ -23,6 +23,7 @@ from . import counters, migrate
 from .config import ConfigurationError, Options, scrub
 from .acker import Acker
 from .leases import LeaseKeeper
+from .prepared import PreparedStatement
 from .queries import Queries, for_schema
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ class Database:
         self.options = options
         self.description = description  # the masked URL, for messages
         self.q: Queries = for_schema(options.schema)
+        # The producer's hot path, without psycopg's execute machinery (see prepared.py).
+        self.prepared = {name: PreparedStatement(f"kombu_pg_{name}", getattr(self.q, name))
+                         for name in ("publish_direct", "publish_routed")}
         self._pool: ConnectionPool | None = None
         self._pool_lock = threading.Lock()
         self._users = 0  # open transports using this database
@@ -106,7 +110,7 @@ class Database:
                         "is off: run `kombu-pg migrate`")
         self._ready = True
 
-    def run(self, query: str, params: Any = None, *, fetch: bool = False):
+    def run(self, query: str | PreparedStatement, params: Any = None, *, fetch: bool = False):
         """Execute one statement on a pooled connection: rows if ``fetch``, else the row count.
 
         A statement that fails because its connection broke is retried on a fresh one: all
@@ -118,6 +122,9 @@ class Database:
         for attempt in range(1, attempts + 1):
             try:
                 with self.pool.connection() as conn:
+                    if isinstance(query, PreparedStatement):
+                        rows = query.execute(conn, params)
+                        return rows if fetch else len(rows)
                     cur = conn.execute(query, params)
                     return cur.fetchall() if fetch else cur.rowcount
             except CONNECTION_ERRORS as exc:

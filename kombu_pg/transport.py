@@ -115,15 +115,15 @@ class Channel(virtual.Channel):
         self._inplace_augment_message(message, exchange, routing_key)
         params = self._publish_params(message)
         if exchange:
-            query, params = self.db.q.publish_routed, dict(params, exchange=exchange, routing_key=routing_key)
+            statement, params = "publish_routed", dict(params, exchange=exchange, routing_key=routing_key)
         else:  # the default exchange: the routing key names the queue
-            query, params = self.db.q.publish_direct, dict(params, queue=routing_key)
+            statement, params = "publish_direct", dict(params, queue=routing_key)
         external = atomic.current()
         if external is not None:  # inside enqueue_in(): the application's transaction
-            queues = external.execute(query, dict(params, notify=True)).fetchall()
+            queues = external.execute(getattr(self.db.q, statement), dict(params, notify=True)).fetchall()
         else:
             notify = params["eta"] is not None or self.db.should_notify((exchange, routing_key))
-            queues = self.db.run(query, dict(params, notify=notify), fetch=True)
+            queues = self.db.run(self.db.prepared[statement], dict(params, notify=notify), fetch=True)
         for queue, _ in queues:
             counters.add("published", queue)
         if not queues and params["unique_key"] is not None:

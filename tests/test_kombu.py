@@ -56,6 +56,27 @@ def test_priority_higher_first(env, kombu_conn):
     env.wait_count("prio", 0)
 
 
+def test_message_round_trips_unchanged(env, kombu_conn):
+    """Body, headers and properties come back as sent: non-ASCII text, quotes, backslashes,
+    numbers, booleans, NULLs, through both the direct and the routed publish."""
+    conn = kombu_conn()
+    queue = declare(conn, "round")
+    body = {"text": "héllo 'wörld' \\ \"ok\" \u2603 \U0001f600", "n": 10 ** 15, "f": 0.1, "b": False,
+            "none": None, "list": [1, "二"]}
+    headers = {"h": "ünïcode", "n": 3, "nested": {"k": [True, None]}}
+    publish(conn, queue, body, headers=headers, priority=7, expiration=60)
+    Producer(conn.default_channel).publish(body, routing_key="round", serializer="json")  # direct
+    simple = conn.SimpleQueue(queue)
+    for routed in (True, False):
+        message = simple.get(timeout=5)
+        assert message.payload == body
+        if routed:
+            assert message.headers == headers
+            assert message.properties["priority"] == 7
+        message.ack()
+    env.wait_count("round", 0)
+
+
 def test_message_expiration(env, kombu_conn):
     conn = kombu_conn()
     queue = declare(conn, "ttl")
@@ -174,3 +195,17 @@ def test_closing_connection_gives_unacked_message_back(env, kombu_conn):
     assert message.delivery_info.get("redelivered") is True
     message.ack()
     env.wait_count("vt", 0)
+
+
+def test_publish_survives_deallocated_statements(env, kombu_conn):
+    """The publish statement is prepared once per connection; a session that lost it (DISCARD
+    ALL by a pooler, DEALLOCATE ALL) prepares it again instead of failing the publish."""
+    conn = kombu_conn(max_connections=1)  # the pool's one connection is the publisher's
+    queue = declare(conn, "dealloc")
+    publish(conn, queue, {"i": 1})
+    with conn.default_channel.db.pool.connection() as pooled:
+        pooled.execute("DEALLOCATE ALL")
+    publish(conn, queue, {"i": 2})
+    simple = conn.SimpleQueue(queue)
+    got = sorted(simple.get(timeout=5).payload["i"] for _ in range(2))
+    assert got == [1, 2]

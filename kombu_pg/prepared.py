@@ -1,0 +1,78 @@
+"""Publishes through libpq's blocking call, for the producer's hot path.
+
+psycopg's ``Connection.execute`` costs about 90 µs per statement here on top of the round
+trip (parameter adaptation, its non-blocking wait loop, cursor and result objects): a quarter
+of a durable publish. A publish needs none of that: its parameters are strings, numbers,
+booleans, timestamps and NULLs, its result a few text columns. So the statement is prepared
+once per connection under a name of its own and run with ``PQexecPrepared`` in text format
+(libpq releases the GIL while it waits). Errors are psycopg's own exception classes, so callers
+handle them as they would from ``execute``.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import re
+import weakref
+
+import psycopg
+from psycopg import errors, pq
+
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s")
+
+
+class PreparedStatement:
+    def __init__(self, name: str, query: str):
+        self.name = name.encode()
+        self.params: list[str] = []  # the %(name)s placeholders, in $n order
+
+        def number(match):
+            if match.group(1) not in self.params:
+                self.params.append(match.group(1))
+            return f"${self.params.index(match.group(1)) + 1}"
+
+        self.text = _PLACEHOLDER.sub(number, query).encode()
+        # Connections this statement is prepared on; a replaced connection prepares it again.
+        self._prepared_on: weakref.WeakSet = weakref.WeakSet()
+
+    def execute(self, conn: psycopg.Connection, params: dict) -> list[tuple]:
+        """Run on ``conn`` (autocommit, idle); rows with every column as str or None."""
+        pgconn, encoding = conn.pgconn, conn.info.encoding
+        values = [_text(params[name], encoding) for name in self.params]
+        if conn not in self._prepared_on:
+            self._prepare(conn)
+        try:
+            result = _check(pgconn.exec_prepared(self.name, values), pgconn, encoding)
+        except errors.InvalidSqlStatementName:  # deallocated (DISCARD ALL, a pooler): once more
+            self._prepare(conn)
+            result = _check(pgconn.exec_prepared(self.name, values), pgconn, encoding)
+        return [tuple(None if value is None else value.decode(encoding)
+                      for value in (result.get_value(row, col) for col in range(result.nfields)))
+                for row in range(result.ntuples)]
+
+
+    def _prepare(self, conn: psycopg.Connection) -> None:
+        self._prepared_on.discard(conn)
+        _check(conn.pgconn.prepare(self.name, self.text), conn.pgconn, conn.info.encoding)
+        self._prepared_on.add(conn)
+
+
+def _text(value, encoding: str) -> bytes | None:
+    """A parameter in PostgreSQL's text input format."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return b"t" if value else b"f"
+    if isinstance(value, dt.datetime):
+        return value.isoformat().encode()
+    if isinstance(value, (str, int, float)):
+        return str(value).encode(encoding)
+    raise TypeError(f"cannot send a {type(value).__name__} as a publish parameter")
+
+
+def _check(result: pq.PGresult, pgconn: pq.PGconn, encoding: str) -> pq.PGresult:
+    if result.status in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
+        return result
+    if pgconn.status == pq.ConnStatus.BAD:  # the connection is gone: the caller may retry
+        raise psycopg.OperationalError(
+            pq.error_message(result, encoding=encoding) or "connection lost")
+    raise errors.error_from_result(result, encoding=encoding)
