@@ -49,7 +49,6 @@ class PreparedStatement:
                       for value in (result.get_value(row, col) for col in range(result.nfields)))
                 for row in range(result.ntuples)]
 
-
     def _prepare(self, conn: psycopg.Connection) -> None:
         self._prepared_on.discard(conn)
         _check(conn.pgconn.prepare(self.name, self.text), conn.pgconn, conn.info.encoding)

@@ -15,11 +15,15 @@ PUBLISH = {"queue": "q", "priority": 0, "eta": None, "ttl_ms": None, "payload": 
            "notify": False, "channel": "kombu_pg"}
 
 
-def synchronous_commit_after(conn, query, params) -> str:
-    """The setting the statement's own transaction would commit with."""
+def run(conn, query, params) -> tuple[list, str]:
+    """The statement's rows, and the setting its own transaction would commit with."""
     with conn.transaction():
-        conn.execute(query, params).fetchall()
-        return conn.execute("SHOW synchronous_commit").fetchone()[0]
+        rows = conn.execute(query, params).fetchall()
+        return rows, conn.execute("SHOW synchronous_commit").fetchone()[0]
+
+
+def synchronous_commit_after(conn, query, params) -> str:
+    return run(conn, query, params)[1]
 
 
 @pytest.fixture
@@ -29,20 +33,12 @@ def db(env):
         yield conn, for_schema(env.broker_schema)
 
 
-def claim(conn, q):
-    params = {"queue": "q", "limit": 10, "max_attempts": 5, "lease_seconds": 30}
-    with conn.transaction():
-        rows = conn.execute(q.claim, params).fetchall()
-        setting = conn.execute("SHOW synchronous_commit").fetchone()[0]
-    return rows, setting
-
-
 def test_leases_do_not_wait_for_the_flush_and_everything_else_does(db):
     conn, q = db
     assert synchronous_commit_after(conn, q.publish_direct, PUBLISH) == "on"
     assert synchronous_commit_after(conn, q.publish_direct, PUBLISH) == "on"
 
-    rows, setting = claim(conn, q)
+    rows, setting = run(conn, q.claim, {"queue": "q", "limit": 10, "max_attempts": 5, "lease_seconds": 30})
     assert len(rows) == 2 and setting == "off"
     ids, tokens = [r[0] for r in rows], [r[1] for r in rows]
     assert synchronous_commit_after(
