@@ -14,6 +14,14 @@ comes from the row count before and after.
 Each script runs with 1 client (what one producer or one consumer process can be compared with:
 a Kombu connection runs its statements one after another) and with `clients` (what the server
 does with the machine's cores busy).
+
+The transport is measured against that limit in the same place and moment: right between two
+1-client pgbench runs of insert_routed, one Kombu producer publishes `publish_n` messages to the
+same queue (`publish.*`), and between two of claim100_ack, one Kombu consumer (prefetch 100)
+consumes and acks `consume_n` of the same prefilled messages (`consume.*`, timed from its first
+delivery, as in deep_queue). `share` is the transport's rate over the mean of the two pgbench
+runs around it. The machine's disk-flush speed drifts by tens of percent over minutes, so a
+share computed from runs far apart in time would measure the drift.
 """
 from __future__ import annotations
 
@@ -34,8 +42,11 @@ from .deep_queue import fill_pg
 NAME = "pgbench_limit"
 KINDS = {"kombu-pg"}
 # prefill: enough that the batched claim (tens of thousands of messages/s) never drains it.
-PARAMS = {"quick": {"seconds": 2, "clients": 2, "prefill": 300000},
-          "full": {"seconds": 15, "clients": 2, "prefill": 2000000}}
+PARAMS = {"quick": {"seconds": 2, "clients": 2, "prefill": 300000, "publish_n": 500, "consume_n": 2000},
+          "full": {"seconds": 15, "clients": 2, "prefill": 2000000, "publish_n": 20000,
+                   "consume_n": 60000}}
+#: The pgbench script each Kombu path is measured against (see the module docstring).
+PAIRED = {"insert_routed": "publish", "claim100_ack": "consume"}
 PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 
 
@@ -62,16 +73,40 @@ def run(env, p) -> dict:
             for clients in sorted({1, p["clients"]}):
                 if prefill:
                     fill_pg(env, queue, prefill, 0)
-                before = count(env, queue)
-                out = pgbench(env.broker.url, path, clients, p["seconds"])
-                moved = abs(count(env, queue) - before)
+                paired = PAIRED.get(name) if clients == 1 else None
+                runs = [limit_run(env, queue, path, clients, p["seconds"])]
+                if paired:
+                    rate = kombu_rate(env, queue, paired, p[f"{paired}_n"])
+                    runs.append(limit_run(env, queue, path, clients, p["seconds"]))
                 key = f"{name}.c{clients}"
-                metrics[f"{key}.tx_per_s"] = out["tps"]
-                metrics[f"{key}.msgs_per_s"] = moved / p["seconds"]
-                metrics[f"{key}.latency_avg_ms"] = out["latency_ms"]
-                if prefill and moved >= prefill:
+                for metric in ("tx_per_s", "msgs_per_s", "latency_avg_ms"):
+                    metrics[f"{key}.{metric}"] = sum(run[metric] for run in runs) / len(runs)
+                if paired:
+                    metrics[f"{paired}.kombu_msgs_per_s"] = rate
+                    metrics[f"{paired}.share"] = rate / metrics[f"{key}.msgs_per_s"]
+                if prefill and not count(env, queue):
                     raise RuntimeError(f"{name} drained the {prefill} prefilled messages: raise prefill")
     return metrics
+
+
+def limit_run(env, queue: str, script: Path, clients: int, seconds: int) -> dict:
+    before = count(env, queue)
+    out = pgbench(env.broker.url, script, clients, seconds)
+    return {"tx_per_s": out["tps"], "latency_avg_ms": out["latency_ms"],
+            "msgs_per_s": abs(count(env, queue) - before) / seconds}
+
+
+def kombu_rate(env, queue: str, path: str, n: int) -> float:
+    """messages/s of one Kombu producer or consumer on the queue pgbench just worked on."""
+    if path == "publish":
+        result = procs.call(messaging.publish, env.endpoint, queue, n, timeout=60 + n / 20)
+        return n / (result["end"] - result["start"])
+    before = count(env, queue)
+    result = procs.call(messaging.consume, env.endpoint, queue, n, prefetch=100, within=120, timeout=150)
+    if before - count(env, queue) != n:
+        raise RuntimeError(f"the consumer took {before - count(env, queue)} messages, not {n}")
+    # From the first delivery: the declare at consumer start counts the (deep) queue, once.
+    return (n - 1) / (result["end"] - result["first"])
 
 
 def values(conn, env, queue: str, payload: str) -> dict:
