@@ -23,7 +23,7 @@ from . import counters, migrate
 from .config import ConfigurationError, Options, scrub
 from .acker import Acker
 from .leases import LeaseKeeper
-from .prepared import PreparedStatement
+from .prepared import Pending, PreparedStatement
 from .queries import Queries, for_schema
 
 logger = logging.getLogger(__name__)
@@ -45,9 +45,9 @@ class Database:
         self.options = options
         self.description = description  # the masked URL, for messages
         self.q: Queries = for_schema(options.schema)
-        # The producer's hot path, without psycopg's execute machinery (see prepared.py).
+        # The hot path, without psycopg's execute machinery (see prepared.py).
         self.prepared = {name: PreparedStatement(f"kombu_pg_{name}", getattr(self.q, name))
-                         for name in ("publish_direct", "publish_routed")}
+                         for name in ("publish_direct", "publish_routed", "claim", "claim_no_ack")}
         self._pool: ConnectionPool | None = None
         self._pool_lock = threading.Lock()
         self._users = 0  # open transports using this database
@@ -132,6 +132,12 @@ class Database:
                     raise psycopg.OperationalError(
                         f"database {self.description} unavailable: {scrub(exc, self.conninfo)}") from None
                 logger.warning("kombu_pg: connection lost (%s), retrying", scrub(exc, self.conninfo))
+
+    def start(self, statement: PreparedStatement, params: dict) -> Pending:
+        """Send ``statement`` on a pooled connection now; ``.result()`` reads its rows later.
+
+        No retry here: the caller falls back to :meth:`run` if sending fails."""
+        return Pending(self.pool, statement, params)
 
     def should_notify(self, destination) -> bool:
         """Debounced wake-ups: NOTIFY costs about as much as the INSERT it accompanies."""

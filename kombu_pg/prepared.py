@@ -1,12 +1,13 @@
-"""Publishes through libpq's blocking call, for the producer's hot path.
+"""The hot-path statements (publish, claim) straight through libpq.
 
 psycopg's ``Connection.execute`` costs about 90 µs per statement here on top of the round
 trip (parameter adaptation, its non-blocking wait loop, cursor and result objects): a quarter
-of a durable publish. A publish needs none of that: its parameters are strings, numbers,
-booleans, timestamps and NULLs, its result a few text columns. So the statement is prepared
+of a durable publish. These statements need none of that: their parameters are strings,
+numbers, booleans, timestamps and NULLs, their results a few text columns. So each is prepared
 once per connection under a name of its own and run with ``PQexecPrepared`` in text format
-(libpq releases the GIL while it waits). Errors are psycopg's own exception classes, so callers
-handle them as they would from ``execute``.
+(libpq releases the GIL while it waits), or sent now and read later (``send``/``receive``), so
+that a consumer delivers one batch while the server leases the next. Errors are psycopg's own
+exception classes, so callers handle them as they would from ``execute``.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import re
 import weakref
 
 import psycopg
-from psycopg import errors, pq
+from psycopg import errors, generators, pq
 
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 
@@ -37,22 +38,69 @@ class PreparedStatement:
     def execute(self, conn: psycopg.Connection, params: dict) -> list[tuple]:
         """Run on ``conn`` (autocommit, idle); rows with every column as str or None."""
         pgconn, encoding = conn.pgconn, conn.info.encoding
-        values = [_text(params[name], encoding) for name in self.params]
-        if conn not in self._prepared_on:
-            self._prepare(conn)
+        values = self._values(conn, params)
         try:
             result = _check(pgconn.exec_prepared(self.name, values), pgconn, encoding)
         except errors.InvalidSqlStatementName:  # deallocated (DISCARD ALL, a pooler): once more
             self._prepare(conn)
             result = _check(pgconn.exec_prepared(self.name, values), pgconn, encoding)
-        return [tuple(None if value is None else value.decode(encoding)
-                      for value in (result.get_value(row, col) for col in range(result.nfields)))
-                for row in range(result.ntuples)]
+        return _rows(result, encoding)
+
+    def send(self, conn: psycopg.Connection, params: dict) -> list[bytes | None]:
+        """Start running on ``conn``; :meth:`receive` waits for the rows. Nothing else may use
+        ``conn`` in between. Returns the values sent, which ``receive`` needs."""
+        values = self._values(conn, params)
+        conn.pgconn.send_query_prepared(self.name, values)
+        conn.wait(generators.send(conn.pgconn))
+        return values
+
+    def receive(self, conn: psycopg.Connection, values: list[bytes | None]) -> list[tuple]:
+        """The rows of the statement :meth:`send` started on ``conn`` with ``values``."""
+        pgconn, encoding = conn.pgconn, conn.info.encoding
+        results = conn.wait(generators.fetch_many(pgconn))
+        if not results:
+            raise psycopg.OperationalError("connection lost")
+        try:
+            return _rows(_check(results[0], pgconn, encoding), encoding)
+        except errors.InvalidSqlStatementName:
+            self._prepare(conn)
+            return _rows(_check(pgconn.exec_prepared(self.name, values), pgconn, encoding), encoding)
+
+    def _values(self, conn: psycopg.Connection, params: dict) -> list[bytes | None]:
+        if conn not in self._prepared_on:
+            self._prepare(conn)
+        encoding = conn.info.encoding
+        return [_text(params[name], encoding) for name in self.params]
 
     def _prepare(self, conn: psycopg.Connection) -> None:
         self._prepared_on.discard(conn)
         _check(conn.pgconn.prepare(self.name, self.text), conn.pgconn, conn.info.encoding)
         self._prepared_on.add(conn)
+
+
+class Pending:
+    """A statement sent on a pooled connection of its own, its rows not read yet."""
+
+    def __init__(self, pool, statement: PreparedStatement, params: dict):
+        self._pool, self._statement = pool, statement
+        self._conn = pool.getconn()
+        try:
+            self._values = statement.send(self._conn, params)
+        except BaseException:
+            pool.putconn(self._conn)  # the pool discards a broken connection
+            raise
+
+    def result(self) -> list[tuple]:
+        try:
+            return self._statement.receive(self._conn, self._values)
+        finally:
+            self._pool.putconn(self._conn)
+
+
+def _rows(result: pq.PGresult, encoding: str) -> list[tuple]:
+    return [tuple(None if value is None else value.decode(encoding)
+                  for value in (result.get_value(row, col) for col in range(result.nfields)))
+            for row in range(result.ntuples)]
 
 
 def _text(value, encoding: str) -> bytes | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import hashlib
+import json
 import logging
 import socket
 from queue import Empty
@@ -44,6 +45,14 @@ def parse_tag(delivery_tag: str) -> tuple[int, str | None]:
     apply after a reconnect, and only the holder of the lease can settle it."""
     message_id, _, token = str(delivery_tag).partition(":")
     return int(message_id), (token if token and token != "-" else None)
+
+
+def _load_envelope(payload: str) -> dict:
+    # Kombu's loads() builds a decoder and calls a Python hook for every object, to revive the
+    # {"__type__": ..., "__value__": ...} objects its dumps() writes for datetimes, UUIDs and
+    # the like. Envelopes rarely hold one (the body is a string inside): decode them plainly
+    # unless the marker appears as a key.
+    return loads(payload) if '"__type__"' in payload else json.loads(payload)
 
 
 def _parse_eta(value) -> dt.datetime | None:
@@ -168,18 +177,30 @@ class Channel(virtual.Channel):
 
     def claim(self, queue: str, limit: int) -> list[dict]:
         """Lease up to ``limit`` messages of ``queue`` (take them outright for no-ack consumers)."""
-        no_ack = queue in self._no_ack_queues
-        rows = self.db.run(self.db.q.claim_no_ack if no_ack else self.db.q.claim,
-                           {"queue": queue, "limit": limit,
-                            "max_attempts": self.options.policy(queue)["max_attempts"],
-                            "lease_seconds": self.options.visibility_timeout}, fetch=True)
+        return self.claimed(queue, self.db.run(*self._claim_statement(queue, limit), fetch=True))
+
+    def start_claim(self, queue: str, limit: int):
+        """:meth:`claim`, sent now: ``claimed(queue, pending.result())`` gives the messages."""
+        return self.db.start(*self._claim_statement(queue, limit))
+
+    def _claim_statement(self, queue: str, limit: int) -> tuple:
+        statement = self.db.prepared["claim_no_ack" if queue in self._no_ack_queues else "claim"]
+        return statement, {"queue": queue, "limit": limit,
+                           "max_attempts": self.options.policy(queue)["max_attempts"],
+                           "lease_seconds": self.options.visibility_timeout}
+
+    def claimed(self, queue: str, rows: list[tuple]) -> list[dict]:
+        """Messages from the claim's rows (libpq text: id, token, delivery count, priority,
+        payload, released)."""
+        rows = [(int(id_), token, int(count), int(priority), payload, released == "t")
+                for id_, token, count, priority, payload, released in rows]
         rows.sort(key=lambda row: (-row[3], row[0]))  # RETURNING has no order
         if rows:
             counters.add("delivered", queue, len(rows))
         return [self._to_payload(queue, *row) for row in rows]
 
     def _to_payload(self, queue, message_id, token, delivery_count, priority, payload, released) -> dict:
-        message = loads(payload)
+        message = _load_envelope(payload)
         props = message["properties"]
         props["delivery_tag"] = f"{message_id}:{token or '-'}"
         info = props.setdefault("delivery_info", {})
@@ -221,6 +242,8 @@ class Channel(virtual.Channel):
     def basic_cancel(self, consumer_tag):
         queue = self._tag_to_queue.get(consumer_tag)
         super().basic_cancel(consumer_tag)
+        if queue and queue not in self._active_queues:
+            self.connection.release_buffered(queue)  # claimed for a consumer that is gone
         if queue and queue not in self._active_queues:
             self._no_ack_queues.discard(queue)
             if queue in self._auto_delete_queues:  # as RabbitMQ: the last consumer took it along
@@ -377,6 +400,8 @@ class Transport(virtual.Transport):
         self._ready: set[str] = set()  # queues that may have deliverable messages
         self._due: dict[str, float] = {}  # queue -> monotonic time its next known message is due
         self._buffered: collections.deque = collections.deque()  # claimed, not yet delivered
+        self._hot: tuple | None = None  # (channel, queue) whose last claim came back full
+        self._ahead: tuple | None = None  # (channel, queue, limit, Pending) of a claim sent ahead
         self._kick_recv = self._kick_send = None
         self._kicked = False
         self.db.acquire()
@@ -396,6 +421,8 @@ class Transport(virtual.Transport):
 
     def close_connection(self, connection):
         try:
+            self._settle_claim_ahead()
+            self._hot = None
             if self._buffered:
                 self._release_unprocessed(list(self._buffered))
                 self._buffered.clear()
@@ -502,8 +529,13 @@ class Transport(virtual.Transport):
         synchronous consumers (Kombu's pidbox collecting replies) count drain_events() calls as
         messages. Kept messages are leased and renewed like delivered ones.
         """
-        if one and self._buffered:
-            return self._deliver_buffered()
+        if one:
+            if not self._buffered:
+                self._collect_claim_ahead()
+            if self._buffered:
+                delivered = self._deliver_buffered()
+                self._claim_ahead()
+                return delivered
         delivered = 0
         for channel in list(self.channels):
             for queue in list(channel._active_queues):
@@ -521,17 +553,13 @@ class Transport(virtual.Transport):
                     continue
                 limit = min(limit, self.options.claim_batch)
                 messages = channel.claim(queue, limit)
-                if len(messages) < limit:
-                    self._ready.discard(queue)  # drained: wait for a wake-up or the next poll
-                    if messages:
-                        # An active queue: producers skip the NOTIFY for a message published
-                        # right after another (see Database.should_notify), so look again soon.
-                        self._wake_at(queue, database.FOLLOW_UP_SECONDS)
+                self._claimed(queue, messages, limit)
                 if one and messages:
-                    for message in messages:
-                        self.db.leases.hold(*parse_tag(message["properties"]["delivery_tag"]))
-                    self._buffered.extend((queue, message) for message in messages)
-                    return self._deliver_buffered()
+                    self._hot = (channel, queue)
+                    self._buffer(queue, messages)
+                    delivered = self._deliver_buffered()
+                    self._claim_ahead()
+                    return delivered
                 for message in messages:
                     self._deliver(message, queue)
                 delivered += len(messages)
@@ -542,6 +570,70 @@ class Transport(virtual.Transport):
                     # room to claim again (the solo pool has no other socket to wake the loop).
                     self._kick()
         return delivered
+
+    def _claimed(self, queue: str, messages: list, limit: int) -> None:
+        if len(messages) < limit:
+            self._ready.discard(queue)  # drained: wait for a wake-up or the next poll
+            if messages:
+                # An active queue: producers skip the NOTIFY for a message published right
+                # after another (see Database.should_notify), so look again soon.
+                self._wake_at(queue, database.FOLLOW_UP_SECONDS)
+
+    def _buffer(self, queue: str, messages: list) -> None:
+        for message in messages:
+            self.db.leases.hold(*parse_tag(message["properties"]["delivery_tag"]))
+        self._buffered.extend((queue, message) for message in messages)
+
+    def _claim_ahead(self) -> None:
+        """Synchronous consumers: send the claim of the next batch while this one is delivered,
+        so that the server leases it meanwhile instead of after. Only for a queue whose last
+        claim came back full, and only within the prefetch limit: delivered-unacked, buffered
+        and claimed-ahead messages together stay within it, so the next batch is claimed once
+        half of the current one has been handed over."""
+        if self._ahead is not None or self._hot is None:
+            return
+        channel, queue = self._hot
+        if queue not in self._ready or queue not in channel._active_queues:
+            return
+        estimate = channel.qos.can_consume_max_estimate()
+        batch = self.options.claim_batch
+        if estimate is not None:
+            batch = min(channel.qos.prefetch_count, batch)
+        room = (batch if estimate is None else estimate) - len(self._buffered)
+        if len(self._buffered) > batch // 2 or room < max(1, batch // 2):
+            return
+        limit = min(room, batch)
+        try:
+            self._ahead = (channel, queue, limit, channel.start_claim(queue, limit))
+        except database.CONNECTION_ERRORS as exc:  # the next claim is made inline, with retries
+            logger.debug("kombu_pg: could not send a claim ahead (%s)", exc)
+
+    def _collect_claim_ahead(self) -> None:
+        """Buffer what the claim sent ahead leased (waiting for it if need be)."""
+        if self._ahead is None:
+            return
+        channel, queue, limit, pending = self._ahead
+        self._ahead = None
+        messages = channel.claimed(queue, pending.result())  # a connection error surfaces here
+        self._claimed(queue, messages, limit)
+        self._buffer(queue, messages)
+
+    def _settle_claim_ahead(self) -> None:
+        """Wait for a claim in flight, so that what it leased is delivered or released with the rest."""
+        try:
+            self._collect_claim_ahead()
+        except database.CONNECTION_ERRORS as exc:
+            logger.warning("kombu_pg: a claim in flight failed (%s): anything it leased is "
+                           "redelivered when the leases expire", exc)
+
+    def release_buffered(self, queue: str) -> None:
+        """Give back what was claimed for ``queue`` but not delivered (its consumer was cancelled)."""
+        if self._ahead is not None and self._ahead[1] == queue:
+            self._settle_claim_ahead()
+        mine = [item for item in self._buffered if item[0] == queue]
+        if mine:
+            self._buffered = collections.deque(item for item in self._buffered if item[0] != queue)
+            self._release_unprocessed(mine)
 
     def _deliver_buffered(self) -> int:
         queue, message = self._buffered.popleft()
@@ -646,7 +738,7 @@ class Transport(virtual.Transport):
             self._reconnect_listener()
         while True:
             self._housekeeping()
-            if (self._ready or self._buffered) and self.deliver_ready(one=True):
+            if (self._ready or self._buffered or self._ahead) and self.deliver_ready(one=True):
                 return
             now = monotonic()
             if deadline is not None and now >= deadline:

@@ -1,6 +1,7 @@
 """Kombu-level semantics: priority, expiration, counts, purge, delete, reject/requeue."""
 from __future__ import annotations
 
+import datetime
 import time
 from queue import Empty
 
@@ -63,7 +64,9 @@ def test_message_round_trips_unchanged(env, kombu_conn):
     queue = declare(conn, "round")
     body = {"text": "héllo 'wörld' \\ \"ok\" \u2603 \U0001f600", "n": 10 ** 15, "f": 0.1, "b": False,
             "none": None, "list": [1, "二"]}
-    headers = {"h": "ünïcode", "n": 3, "nested": {"k": [True, None]}}
+    # A datetime goes through Kombu's JSON as a typed object and must come back a datetime.
+    headers = {"h": "ünïcode", "n": 3, "nested": {"k": [True, None]},
+               "when": datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)}
     publish(conn, queue, body, headers=headers, priority=7, expiration=60)
     Producer(conn.default_channel).publish(body, routing_key="round", serializer="json")  # direct
     simple = conn.SimpleQueue(queue)
@@ -209,3 +212,62 @@ def test_publish_survives_deallocated_statements(env, kombu_conn):
     simple = conn.SimpleQueue(queue)
     got = sorted(simple.get(timeout=5).payload["i"] for _ in range(2))
     assert got == [1, 2]
+
+
+def publish_many(conn, queue: Queue, count: int) -> None:
+    producer = Producer(conn.default_channel)
+    for i in range(count):
+        producer.publish({"i": i}, exchange=queue.exchange, routing_key=queue.routing_key, serializer="json")
+
+
+def test_consumer_holds_no_more_than_its_prefetch(env, kombu_conn):
+    """A consumer that acks as it goes claims its next batch while delivering the current one;
+    leased and not yet acked messages still never exceed the prefetch count."""
+    conn = kombu_conn()
+    queue = declare(conn, "window")
+    publish_many(conn, queue, 600)
+    acked: list[int] = []
+    outstanding: list[int] = []
+
+    def on_message(body, message):
+        leased = [row["id"] for row in env.messages("window", where="lease_token IS NOT NULL")]
+        outstanding.append(len(set(leased) - set(acked)))
+        message.ack()
+        acked.append(message.delivery_info["kombu_pg"]["id"])
+
+    consumer = Consumer(conn.default_channel, queues=[queue], accept=["json"], callbacks=[on_message],
+                        prefetch_count=40)
+    consumer.consume()
+    deadline = time.monotonic() + 60
+    while len(acked) < 600 and time.monotonic() < deadline:
+        conn.drain_events(timeout=1)
+    consumer.cancel()
+    assert sorted(acked) == sorted(set(acked)) and len(acked) == 600  # each exactly once
+    assert max(outstanding) <= 40
+    env.wait_count("window", 0)
+
+
+def test_cancelling_a_consumer_gives_back_what_it_claimed_ahead(env, kombu_conn):
+    """Messages claimed for a consumer but not handed to it go back to the queue when it is
+    cancelled, with the connection still open (not at the lease's expiry)."""
+    conn = kombu_conn()
+    queue = declare(conn, "cancelled")
+    publish_many(conn, queue, 500)
+    received = []
+
+    def on_message(body, message):
+        message.ack()
+        received.append(body["i"])
+
+    consumer = Consumer(conn.default_channel, queues=[queue], accept=["json"], callbacks=[on_message],
+                        prefetch_count=100)
+    consumer.consume()
+    deadline = time.monotonic() + 30
+    while len(received) < 130 and time.monotonic() < deadline:
+        conn.drain_events(timeout=1)
+    consumer.cancel()
+    env.wait_count("cancelled", 500 - len(received))
+    left = env.messages("cancelled")
+    assert all(row["lease_token"] is None and not row["invisible"] for row in left)
+    rest = [message.payload["i"] for message in take(kombu_conn(), queue, len(left))]
+    assert sorted(received + rest) == list(range(500))
