@@ -36,7 +36,8 @@ class Acker:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="kombu_pg-acker", daemon=True)
                 self._thread.start()
-        self._wakeup.set()
+        if not self._wakeup.is_set():  # set() takes a lock; the thread is awake already
+            self._wakeup.set()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued ack reached the database (or failed); False on timeout."""

@@ -98,8 +98,9 @@ class Pending:
 
 
 def _rows(result: pq.PGresult, encoding: str) -> list[tuple]:
-    return [tuple(None if value is None else value.decode(encoding)
-                  for value in (result.get_value(row, col) for col in range(result.nfields)))
+    get, columns = result.get_value, range(result.nfields)
+    return [tuple([None if value is None else value.decode(encoding)
+                   for value in [get(row, col) for col in columns]])
             for row in range(result.ntuples)]
 
 

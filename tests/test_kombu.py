@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import time
 from queue import Empty
 
@@ -78,6 +79,23 @@ def test_message_round_trips_unchanged(env, kombu_conn):
             assert message.properties["priority"] == 7
         message.ack()
     env.wait_count("round", 0)
+
+
+def test_text_bodies_stored_as_text_binary_ones_as_base64(env, kombu_conn):
+    """A JSON body goes into the stored envelope as it is; a binary one (compressed) as base64.
+    Both come back as sent."""
+    conn = kombu_conn()
+    queue = declare(conn, "bodies")
+    publish(conn, queue, {"plain": "é"})
+    publish(conn, queue, {"zipped": "é" * 100}, compression="zlib")
+    stored = [json.loads(row["payload"]) for row in env.messages("bodies")]
+    assert [m["properties"]["body_encoding"] for m in stored] == [None, "base64"]
+    assert json.loads(stored[0]["body"]) == {"plain": "é"}
+    simple = conn.SimpleQueue(queue)
+    got = [simple.get(timeout=5) for _ in range(2)]
+    assert [m.payload for m in got] == [{"plain": "é"}, {"zipped": "é" * 100}]
+    for message in got:
+        message.ack()
 
 
 def test_message_expiration(env, kombu_conn):
