@@ -253,7 +253,6 @@ class Channel(virtual.Channel):
         super().basic_cancel(consumer_tag)
         if queue and queue not in self._active_queues:
             self.connection.release_buffered(queue)  # claimed for a consumer that is gone
-        if queue and queue not in self._active_queues:
             self._no_ack_queues.discard(queue)
             if queue in self._auto_delete_queues:  # as RabbitMQ: the last consumer took it along
                 self.queue_delete(queue)
@@ -599,8 +598,8 @@ class Transport(virtual.Transport):
         claim came back full, and only within the prefetch limit: delivered-unacked, buffered
         and claimed-ahead messages together stay within it, so the next batch is claimed once
         half of the current one has been handed over."""
-        if self._ahead is not None or self._hot is None:
-            return
+        if self._ahead is not None or self._hot is None or self.options.max_connections < 3:
+            return  # a claim in flight holds a pooled connection: leave one for acks, one for publishes
         channel, queue = self._hot
         if queue not in self._ready or queue not in channel._active_queues:
             return
