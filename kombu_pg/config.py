@@ -41,7 +41,8 @@ class Options:
     listen: bool = True
     #: A separate URL for the LISTEN connection (e.g. directly to PostgreSQL, bypassing a pooler).
     listen_url: str | None = None
-    #: Size limit of each process's connection pool.
+    #: Size limit of each process's connection pool. With 3 or more, a consumer claims its next
+    #: batch while delivering the current one (that claim holds a connection meanwhile).
     max_connections: int = 4
     #: Most messages claimed in one statement when the consumer has no prefetch limit.
     claim_batch: int = 100
