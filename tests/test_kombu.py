@@ -238,6 +238,20 @@ def publish_many(conn, queue: Queue, count: int) -> None:
         producer.publish({"i": i}, exchange=queue.exchange, routing_key=queue.routing_key, serializer="json")
 
 
+def consume_until(conn, queue: Queue, on_message, prefetch: int, done, timeout: float = 60) -> None:
+    """Run a consumer (``on_message`` acks) until ``done()``, then cancel it."""
+    consumer = Consumer(conn.default_channel, queues=[queue], accept=["json"], callbacks=[on_message],
+                        prefetch_count=prefetch)
+    consumer.consume()
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        try:
+            conn.drain_events(timeout=1)
+        except TimeoutError:
+            pass
+    consumer.cancel()
+
+
 def test_consumer_holds_no_more_than_its_prefetch(env, kombu_conn):
     """A consumer that acks as it goes claims its next batch while delivering the current one;
     leased and not yet acked messages still never exceed the prefetch count."""
@@ -253,13 +267,7 @@ def test_consumer_holds_no_more_than_its_prefetch(env, kombu_conn):
         message.ack()
         acked.append(message.delivery_info["kombu_pg"]["id"])
 
-    consumer = Consumer(conn.default_channel, queues=[queue], accept=["json"], callbacks=[on_message],
-                        prefetch_count=40)
-    consumer.consume()
-    deadline = time.monotonic() + 60
-    while len(acked) < 600 and time.monotonic() < deadline:
-        conn.drain_events(timeout=1)
-    consumer.cancel()
+    consume_until(conn, queue, on_message, 40, lambda: len(acked) >= 600)
     assert sorted(acked) == sorted(set(acked)) and len(acked) == 600  # each exactly once
     assert max(outstanding) <= 40
     env.wait_count("window", 0)
@@ -277,13 +285,7 @@ def test_cancelling_a_consumer_gives_back_what_it_claimed_ahead(env, kombu_conn)
         message.ack()
         received.append(body["i"])
 
-    consumer = Consumer(conn.default_channel, queues=[queue], accept=["json"], callbacks=[on_message],
-                        prefetch_count=100)
-    consumer.consume()
-    deadline = time.monotonic() + 30
-    while len(received) < 130 and time.monotonic() < deadline:
-        conn.drain_events(timeout=1)
-    consumer.cancel()
+    consume_until(conn, queue, on_message, 100, lambda: len(received) >= 130)
     env.wait_count("cancelled", 500 - len(received))
     left = env.messages("cancelled")
     assert all(row["lease_token"] is None and not row["invisible"] for row in left)
