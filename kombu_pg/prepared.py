@@ -114,7 +114,7 @@ def _text(value, encoding: str) -> bytes | None:
         return value.isoformat().encode()
     if isinstance(value, (str, int, float)):
         return str(value).encode(encoding)
-    raise TypeError(f"cannot send a {type(value).__name__} as a publish parameter")
+    raise TypeError(f"cannot send a {type(value).__name__} as a statement parameter")
 
 
 def _check(result: pq.PGresult, pgconn: pq.PGconn, encoding: str) -> pq.PGresult:

@@ -561,7 +561,7 @@ class Transport(virtual.Transport):
                     continue
                 limit = min(limit, self.options.claim_batch)
                 messages = channel.claim(queue, limit)
-                self._claimed(queue, messages, limit)
+                self._after_claim(queue, messages, limit)
                 if one and messages:
                     self._hot = (channel, queue)
                     self._buffer(queue, messages)
@@ -579,7 +579,8 @@ class Transport(virtual.Transport):
                     self._kick()
         return delivered
 
-    def _claimed(self, queue: str, messages: list, limit: int) -> None:
+    def _after_claim(self, queue: str, messages: list, limit: int) -> None:
+        """A claim that came back short drained the queue: wait for a wake-up."""
         if len(messages) < limit:
             self._ready.discard(queue)  # drained: wait for a wake-up or the next poll
             if messages:
@@ -623,7 +624,7 @@ class Transport(virtual.Transport):
         channel, queue, limit, pending = self._ahead
         self._ahead = None
         messages = channel.claimed(queue, pending.result())  # a connection error surfaces here
-        self._claimed(queue, messages, limit)
+        self._after_claim(queue, messages, limit)
         self._buffer(queue, messages)
 
     def _settle_claim_ahead(self) -> None:
