@@ -103,12 +103,18 @@ def targets_table(results: dict) -> list[str]:
 
     rows = []
     e2e = ratio(median("celery_e2e", "prefork.tasks_per_s"), median("celery_e2e", "prefork.tasks_per_s", "redis"))
+    stretch = ratio(median("celery_e2e", "prefork.tasks_per_s"),
+                    median("celery_e2e", "prefork.tasks_per_s", "rabbitmq"))
     rows.append(row("Celery prefork -c 2 tasks/s ≥ 1.0× Redis",
                     f"{fmt(median('celery_e2e', 'prefork.tasks_per_s'))} tasks/s, "
                     f"{fmt(e2e)}× Redis", None if e2e is None else e2e >= 1.0))
+    rows.append(row("(stretch) Celery prefork -c 2 tasks/s ≥ 1.0× RabbitMQ", f"{fmt(stretch)}× RabbitMQ",
+                    None if stretch is None else stretch >= 1.0))
     p50, p99 = median("celery_e2e", "prefork.start_p50_ms"), median("celery_e2e", "prefork.start_p99_ms")
     rows.append(row("Idle publish-to-start (prefork) p50 ≤ 3 ms, p99 ≤ 15 ms",
-                    f"p50 {fmt(p50)} ms, p99 {fmt(p99)} ms",
+                    f"p50 {fmt(p50)} ms, p99 {fmt(p99)} ms (Redis, same run: p50 "
+                    f"{fmt(median('celery_e2e', 'prefork.start_p50_ms', 'redis'))} ms, p99 "
+                    f"{fmt(median('celery_e2e', 'prefork.start_p99_ms', 'redis'))} ms)",
                     None if p50 is None or p99 is None else p50 <= 3 and p99 <= 15))
     consume = median("kombu_consume", "msgs_per_s")
     vs_sqla, vs_redis = ratio(consume, median("kombu_consume", "msgs_per_s", "sqla")), \
