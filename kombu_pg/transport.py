@@ -425,6 +425,7 @@ class Transport(virtual.Transport):
 
     def establish_connection(self):
         self.db.ensure_ready()
+        self.db.open_pool()  # connect now, not in the first publish or claim
         return super().establish_connection()
 
     def close_connection(self, connection):

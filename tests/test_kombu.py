@@ -282,3 +282,15 @@ def test_cancelling_a_consumer_gives_back_what_it_claimed_ahead(env, kombu_conn)
     assert all(row["lease_token"] is None and not row["invisible"] for row in left)
     rest = [message.payload["i"] for message in take(kombu_conn(), queue, len(left))]
     assert sorted(received + rest) == list(range(500))
+
+
+def test_connecting_readies_the_pool_so_publishes_share_one_connection(env, kombu_conn):
+    # Connecting waits for the pool's first server connection. Were the first publish to ask
+    # for it while it is still being opened, the pool would open a second one meanwhile.
+    conn = kombu_conn()
+    conn.connect()
+    queue = declare(conn, "first_publish")
+    for n in range(3):
+        publish(conn, queue, {"n": n})
+    assert conn.transport.db.pool.get_stats()["pool_size"] == 1
+    assert ready_count(conn, queue) == 3
