@@ -70,7 +70,7 @@ class Database:
 
     @property
     def pool(self) -> ConnectionPool:
-        return self._pool or self.open_pool()
+        return self._pool if self._pool is not None else self.open_pool()
 
     def open_pool(self) -> ConnectionPool:
         """The pool, opened if need be, once its first connection is up (PoolTimeout if not
