@@ -1,22 +1,41 @@
 """Which deliveries this worker will still run: their leases must survive a lost connection.
 
-When the broker connection drops, Celery closes the channel, and the transport releases every
-message it had delivered but not acked, so that another worker can take it. That is right for
-prefetched messages Celery discards, and wrong for tasks that are running, or queued inside a
-pool that will still run them (the threads pool's executor is not flushed): releasing those
-would run them twice. The transport asks ``Transport.in_progress(message)``, set to ``probe``.
+On AMQP a delivery tag belongs to its channel, so when the broker connection drops Celery
+forgets everything it was given and not yet running (``Consumer.on_close``: reserved and
+rate-limited requests, ETA timers, jobs the prefork pool has not started) and counts on the
+broker to redeliver it. Here a delivery is settled by (row id, lease token) from any connection,
+so nothing needs forgetting, and forgetting is what ran tasks twice: a job the prefork pool had
+already written to a child still ran there, while its released message ran again elsewhere.
+
+So for an app on this broker a lost connection changes nothing Celery holds: every message
+given to Celery keeps its lease (renewed by the lease keeper), ``on_close`` keeps the requests,
+timers and pool jobs, and each task is acked over the new connection when it finishes. Only
+messages still in the transport's own buffer, never given to Celery, are released.
+
+Outside a connection loss (the worker shutting down), a message keeps its lease only while its
+task runs, or waits in the threads pool's executor, which is not flushed; the rest are released.
 """
 from __future__ import annotations
 
+import logging
 import threading
 
 from celery.concurrency import thread as thread_pool
+from celery.worker.consumer.consumer import Consumer
+
+logger = logging.getLogger(__name__)
 
 _queued: set[str] = set()  # task ids submitted to a pool that runs them whatever happens
 _lock = threading.Lock()
+#: Set while Celery tears down a lost connection (on_connection_error_after_connected, then
+#: on_close); the consumer's thread does both, back to back.
+_connection_lost = False
 
 
 def probe(message) -> bool:
+    """Whether closing the connection must keep ``message``'s lease (Transport.in_progress)."""
+    if _connection_lost:
+        return True
     from celery.worker import state
 
     task_id = (message.headers or {}).get("id")
@@ -29,6 +48,43 @@ def probe(message) -> bool:
 
 
 def install() -> None:
+    _keep_deliveries_across_reconnects()
+    _track_thread_pool_jobs()
+
+
+def _ours(consumer) -> bool:
+    return getattr(consumer.app, "_kombu_pg_installed", False)
+
+
+def _keep_deliveries_across_reconnects() -> None:
+    if getattr(Consumer.on_close, "_kombu_pg", False):
+        return
+    on_connection_lost, on_close = Consumer.on_connection_error_after_connected, Consumer.on_close
+
+    def on_connection_error_after_connected(self, exc):
+        global _connection_lost
+        _connection_lost = _ours(self)
+        try:
+            return on_connection_lost(self, exc)
+        except BaseException:
+            _connection_lost = False
+            raise
+
+    def keeping_on_close(self):
+        global _connection_lost
+        if _connection_lost:
+            _connection_lost = False
+            logger.info("kombu_pg: broker connection lost: the tasks this worker was given keep "
+                        "their leases and run; their acks go over the new connection")
+            return None
+        return on_close(self)
+
+    on_connection_error_after_connected._kombu_pg = keeping_on_close._kombu_pg = True
+    Consumer.on_connection_error_after_connected = on_connection_error_after_connected
+    Consumer.on_close = keeping_on_close
+
+
+def _track_thread_pool_jobs() -> None:
     """Track what the threads pool was given until each job finishes."""
     pool_cls = thread_pool.TaskPool
     if getattr(pool_cls.on_apply, "_kombu_pg", False):

@@ -6,6 +6,10 @@ deletes whatever has queued up in one statement, then looks again. Before each s
 lingers a few milliseconds for more acks to join: every DELETE is a durable commit, and at a
 few hundred tasks a second one commit per ack would take a disk flush per task from the
 publishers sharing the server. Closing the connection (``flush``) does not linger.
+
+An ack that cannot reach the database (the server restarts, the connection was killed) is
+kept and tried again, and the message's lease stays held, so renewed, until the delete landed:
+dropping it would let the lease expire and the message run a second time.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import threading
 logger = logging.getLogger(__name__)
 
 LINGER_SECONDS = 0.005
+#: Pause between attempts while acks fail, doubled up to the maximum.
+RETRY_SECONDS, MAX_RETRY_SECONDS = 0.1, 2.0
 
 
 class Acker:
@@ -56,6 +62,7 @@ class Acker:
         self._wakeup.set()
 
     def _run(self) -> None:
+        pause = RETRY_SECONDS
         while not self._stopped:
             self._wakeup.wait()
             self._wakeup.clear()
@@ -66,19 +73,31 @@ class Acker:
                     if not batch:
                         self._idle.set()
                         break
-                self._delete(batch)
+                if self._delete(batch):
+                    pause = RETRY_SECONDS
+                    continue
+                with self._lock:
+                    self._pending[:0] = batch  # first in line for the next attempt
+                    self._idle.set()  # flush() waits for this attempt, not for the outage
+                if self._stopped:
+                    return
+                self._hurry.wait(pause)  # not _wakeup: each new ack would cut the pause short
+                pause = min(pause * 2, MAX_RETRY_SECONDS)
 
-    def _delete(self, batch) -> None:
+    def _delete(self, batch) -> bool:
         from . import counters
 
+        ids = [m for m, _, _ in batch]
         try:
-            deleted = self.db.run(self.db.q.ack, {"ids": [m for m, _, _ in batch],
-                                                  "tokens": [t for _, t, _ in batch]}, fetch=True)
-        except Exception as exc:  # the leases expire and the messages come back: at-least-once
-            logger.error("kombu_pg: %d ack(s) failed (%s): those messages will be redelivered",
-                         len(batch), exc)
-            return
+            deleted = self.db.run(self.db.q.ack, {"ids": ids, "tokens": [t for _, t, _ in batch]},
+                                  fetch=True)
+        except Exception as exc:
+            logger.warning("kombu_pg: %d ack(s) could not be written (%s): trying again; their "
+                           "leases stay renewed meanwhile", len(batch), " ".join(str(exc).split()))
+            return False
+        self.db.leases.forget(ids)
         # Only rows really deleted: after a server-side retry or a dead letter, Celery's ack of
         # the same delivery finds no lease and changes nothing.
         for (queue,) in deleted:
             counters.add("acked", queue)
+        return True

@@ -80,14 +80,20 @@ class Admin:
         self.description = config.mask_url(url)
         self.schema = schema
         self.q = for_schema(schema)
-        self.channel = config.Options(schema=schema).notify_channel
+        self.options = config.Options(schema=schema)
+        self.channel = self.options.notify_channel
 
     def connect(self) -> psycopg.Connection:
+        """A connection with the transport's default bounds on every wait (keepalives,
+        tcp_user_timeout, statement_timeout)."""
         try:
-            return psycopg.connect(self.conninfo, autocommit=True)
+            conn = psycopg.connect(self.conninfo, autocommit=True,
+                                   **self.options.connection_kwargs(self.conninfo))
         except psycopg.OperationalError as exc:
             raise psycopg.OperationalError(
                 f"cannot connect to {self.description}: {config.scrub(exc, self.conninfo)}") from None
+        conn.execute(self.q.session_setup, self.options.session_params())
+        return conn
 
     def dead_letters(self, filter: Filter = Filter(), *, after: int = 0,
                      limit: int = 50, **filters) -> list[DeadLetterSummary]:

@@ -52,6 +52,21 @@ class Options:
     sweep_interval: float = 5.0
     #: Seconds to wait for a connection (pool checkout and connect).
     connect_timeout: float = 10.0
+    #: Seconds a statement may take. The server cancels it after this; a server that stops
+    #: answering altogether (frozen, partitioned) has the client close the connection after
+    #: this plus 2 seconds, which Celery and Kombu treat as a lost connection and reconnect.
+    statement_timeout: float = 30.0
+    #: Seconds without an acknowledgement of sent data before the kernel drops the connection
+    #: (libpq ``tcp_user_timeout``): a server host that vanished is noticed within this.
+    tcp_user_timeout: float = 30.0
+    #: Seconds of idle time before TCP keepalive probes start; they are sent every third of
+    #: this, and 3 unanswered ones drop the connection (idle LISTEN and lease connections too).
+    keepalives_idle: float = 30.0
+    #: Claims and lease renewals wait for the WAL flush like publishes and acks do, so a lease
+    #: survives a server crash or a failover to a synchronous standby. False makes them about
+    #: a disk flush faster per claim, but a crash can then undo a lease whose task is running,
+    #: and the message is delivered again while it runs.
+    durable_leases: bool = True
     #: Deliveries of a message before it goes to the dead letters: failed attempts (the task
     #: raised, its worker was lost) and expired leases all count.
     max_attempts: int = 5
@@ -90,6 +105,9 @@ class Options:
             raise ConfigurationError("transport option 'visibility_timeout' must be >= 1 second")
         if options.polling_interval <= 0:
             raise ConfigurationError("transport option 'polling_interval' must be > 0")
+        for key in ("statement_timeout", "tcp_user_timeout", "keepalives_idle"):
+            if getattr(options, key) <= 0:
+                raise ConfigurationError(f"transport option {key!r} must be > 0 seconds")
         if options.max_attempts < 1:
             raise ConfigurationError("transport option 'max_attempts' must be >= 1")
         for queue, overrides in options.queue_options.items():
@@ -103,6 +121,28 @@ class Options:
     @property
     def notify_channel(self) -> str:
         return f"kombu_pg.{self.schema}"
+
+    @property
+    def statement_deadline(self) -> float:
+        """Seconds after which the client gives up on a statement the server never answered."""
+        return self.statement_timeout + 2.0
+
+    def session_params(self) -> dict:
+        """Parameters of the ``session_setup`` statement run on every new connection."""
+        return {"statement_timeout": f"{round(self.statement_timeout * 1000)}ms"}
+
+    def connection_kwargs(self, conninfo: str) -> dict:
+        """libpq parameters bounding every wait on the server, unless the URL sets them itself."""
+        wanted = {
+            "connect_timeout": max(1, round(self.connect_timeout)),
+            "keepalives": 1,
+            "keepalives_idle": max(1, round(self.keepalives_idle)),
+            "keepalives_interval": max(1, round(self.keepalives_idle / 3)),
+            "keepalives_count": 3,
+            "tcp_user_timeout": max(1, round(self.tcp_user_timeout * 1000)),
+        }
+        given = conninfo_to_dict(conninfo)
+        return {key: value for key, value in wanted.items() if key not in given}
 
 
 def _coerce(key, type_name, value):

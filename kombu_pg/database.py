@@ -20,6 +20,7 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import counters, migrate
+from .deadline import watchdog
 from .config import ConfigurationError, Options, scrub
 from .acker import Acker
 from .leases import LeaseKeeper
@@ -52,21 +53,34 @@ class Database:
         self._pool_lock = threading.Lock()
         self._users = 0  # open transports using this database
         self._ready = False
+        #: synchronous_commit of lease statements (see fragment_lease_commit in queries.sql).
+        self.lease_commit = "on" if options.durable_leases else "off"
         self.leases = LeaseKeeper(self)
         self.acker = Acker(self)
         self._notified: dict = {}  # destination -> monotonic time of its last NOTIFY
 
     # -- connections ------------------------------------------------------------------------
 
-    def connect(self, conninfo: str | None = None, **kwargs) -> psycopg.Connection:
-        """A new dedicated connection; errors name the problem and never carry the password."""
+    def connect(self, conninfo: str | None = None, *, bounded: bool = True, **kwargs) -> psycopg.Connection:
+        """A new dedicated connection; errors name the problem and never carry the password.
+
+        ``bounded``: statements get the ``statement_timeout`` option (not for migrations, which
+        may rightly take longer)."""
         conninfo = conninfo or self.conninfo
         try:
-            return psycopg.connect(conninfo, autocommit=True,
-                                   connect_timeout=max(1, int(self.options.connect_timeout)), **kwargs)
+            conn = psycopg.connect(conninfo, autocommit=True,
+                                   **{**self.options.connection_kwargs(conninfo), **kwargs})
         except psycopg.OperationalError as exc:
             raise psycopg.OperationalError(
                 f"cannot connect to {self.description}: {scrub(exc, conninfo)}") from None
+        if bounded:
+            self._configure(conn)
+        return conn
+
+    def _configure(self, conn: psycopg.Connection) -> None:
+        """Session settings of every connection (the pool's too)."""
+        with watchdog.guard(conn, self.options.statement_deadline):
+            conn.execute(self.q.session_setup, self.options.session_params())
 
     @property
     def pool(self) -> ConnectionPool:
@@ -79,7 +93,8 @@ class Database:
             if self._pool is None:
                 pool = ConnectionPool(
                     self.conninfo, min_size=1, max_size=self.options.max_connections,
-                    kwargs={"autocommit": True}, timeout=self.options.connect_timeout,
+                    kwargs={"autocommit": True, **self.options.connection_kwargs(self.conninfo)},
+                    configure=self._configure, timeout=self.options.connect_timeout,
                     name=f"kombu_pg[{os.getpid()}]", open=True)
                 # Wait for that connection: a statement asking for one before it is up makes
                 # the pool open a second one meanwhile, in a thread that competes for the GIL
@@ -88,6 +103,17 @@ class Database:
                 pool.wait(self.options.connect_timeout)
                 self._pool = pool
             return self._pool
+
+    def _discard_pool(self) -> None:
+        """Start over with a new pool: after an outage psycopg_pool retries connecting with an
+        exponential backoff (1, 2, 4, 8 s ...), which would keep clients waiting well after the
+        server is back; a new pool connects at once. Closed in the background: its connection
+        attempts may still be blocked on the server."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            threading.Thread(target=pool.close, kwargs={"timeout": self.options.connect_timeout},
+                             name="kombu_pg-pool-close", daemon=True).start()
 
     def acquire(self) -> None:
         """A transport (Kombu connection) starts using this database."""
@@ -109,7 +135,7 @@ class Database:
         """Check that we can connect, and migrate the schema once per process."""
         if self._ready:
             return
-        with self.connect() as conn:
+        with self.connect(bounded=False) as conn:
             if self.options.auto_migrate:
                 migrate.migrate(conn, self.options.schema)
             else:
@@ -126,18 +152,22 @@ class Database:
         A statement that fails because its connection broke is retried on a fresh one: all
         our statements are safe to repeat (acks, releases and renewals match a lease token; a
         repeated publish is at worst a duplicate, which at-least-once delivery allows).
+        A server that does not answer at all costs at most the statement deadline, then
+        ``connect_timeout`` for the fresh connection, before the error is raised.
         """
         # After a server restart every pooled connection is dead: allow one try per connection.
         attempts = self.options.max_connections + 1
         for attempt in range(1, attempts + 1):
             try:
-                with self.pool.connection() as conn:
+                with self.pool.connection() as conn, watchdog.guard(conn, self.options.statement_deadline):
                     if isinstance(query, PreparedStatement):
                         rows = query.execute(conn, params)
                         return rows if fetch else len(rows)
                     cur = conn.execute(query, params)
                     return cur.fetchall() if fetch else cur.rowcount
             except CONNECTION_ERRORS as exc:
+                if isinstance(exc, PoolTimeout):
+                    self._discard_pool()
                 if attempt == attempts or isinstance(exc, PoolTimeout):
                     raise psycopg.OperationalError(
                         f"database {self.description} unavailable: {scrub(exc, self.conninfo)}") from None
@@ -147,7 +177,7 @@ class Database:
         """Send ``statement`` on a pooled connection now; ``.result()`` reads its rows later.
 
         No retry here: the caller falls back to :meth:`run` if sending fails."""
-        return Pending(self.pool, statement, params)
+        return Pending(self.pool, statement, params, self.options.statement_deadline)
 
     def should_notify(self, destination) -> bool:
         """Debounced wake-ups: NOTIFY costs about as much as the INSERT it accompanies."""
@@ -202,8 +232,8 @@ class Database:
 
     def reap(self, limit: int = 1000) -> list[tuple]:
         """Return expired leases to their queues, or dead-letter them at the delivery cap."""
-        rows = self.run(self.q.reap, {"limit": limit,
-                                      "default_max_attempts": self.options.max_attempts}, fetch=True)
+        rows = self.run(self.q.reap, {"limit": limit, "default_max_attempts": self.options.max_attempts,
+                                      "held": self.leases.held_ids()}, fetch=True)
         for outcome, message_id, queue, task_id, attempt in rows:
             counters.add("dead_lettered" if outcome == "dead_lettered" else "released", queue)
             logger.warning("kombu_pg: lease of message %s (task %s, queue %r, attempt %d) expired: %s",

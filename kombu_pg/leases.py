@@ -1,9 +1,11 @@
 """The lease keeper: renews the leases of every message this process holds.
 
-A message is held from delivery until it is acked or released, whether it is running,
-prefetched or waiting. A dedicated thread with its own connection renews all leases about every
-third of the visibility timeout, in one statement, so that renewal goes on while the consumer's
-thread is busy (in the solo pool, the task runs inside the event loop).
+A message is held from delivery until its ack reached the database or it was released, whether
+it is running, prefetched or waiting. A dedicated thread with its own connection renews all
+leases about every third of the visibility timeout, in one statement, so that renewal goes on
+while the consumer's thread is busy (in the solo pool, the task runs inside the event loop). A
+renewal that fails (the server restarts, the connection was killed) is tried again every
+second on a fresh connection, not a third of the timeout later.
 """
 from __future__ import annotations
 
@@ -12,7 +14,12 @@ import threading
 
 import psycopg
 
+from .deadline import watchdog
+
 logger = logging.getLogger(__name__)
+
+#: Seconds between attempts while renewals fail.
+RETRY_SECONDS = 1.0
 
 
 class LeaseKeeper:
@@ -38,8 +45,15 @@ class LeaseKeeper:
             for message_id in message_ids:
                 self._held.pop(message_id, None)
 
-    def holds(self, message_id: int) -> bool:
-        return message_id in self._held
+    def held_ids(self) -> list[int]:
+        """The messages this process holds: its claims and reaps leave them alone."""
+        with self._lock:
+            return list(self._held)
+
+    def held_literal(self) -> str:
+        """:meth:`held_ids` as a PostgreSQL array literal, for the libpq statement path."""
+        with self._lock:
+            return "{" + ",".join(map(str, self._held)) + "}"
 
     def stop(self) -> None:
         self._stopped = True
@@ -47,12 +61,16 @@ class LeaseKeeper:
 
     def _run(self) -> None:
         interval = self.lease_seconds / 3
-        while not self._wakeup.wait(interval) and not self._stopped:
+        wait = interval
+        while not self._wakeup.wait(wait) and not self._stopped:
             try:
                 self.renew()
+                wait = interval
             except Exception as exc:  # keep renewing: the next round may succeed
-                logger.warning("kombu_pg: lease renewal failed: %s", exc)
+                logger.warning("kombu_pg: lease renewal failed (%s): trying again in %gs",
+                               " ".join(str(exc).split()), RETRY_SECONDS)
                 self._close()
+                wait = RETRY_SECONDS
 
     def renew(self) -> int:
         with self._lock:
@@ -63,8 +81,10 @@ class LeaseKeeper:
         if self._conn is None or self._conn.closed:
             self._conn = self.db.connect()
         ids, tokens = list(held), list(held.values())
-        renewed = {row[0] for row in self._conn.execute(
-            self.db.q.renew, {"ids": ids, "tokens": tokens, "lease_seconds": self.lease_seconds})}
+        with watchdog.guard(self._conn, self.db.options.statement_deadline):
+            renewed = {row[0] for row in self._conn.execute(self.db.q.renew, {
+                "ids": ids, "tokens": tokens, "lease_seconds": self.lease_seconds,
+                "synchronous_commit": self.db.lease_commit})}
         lost = [i for i in ids if i not in renewed]
         if lost:
             with self._lock:

@@ -18,6 +18,8 @@ import weakref
 import psycopg
 from psycopg import errors, generators, pq
 
+from .deadline import watchdog
+
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 
 
@@ -81,20 +83,27 @@ class PreparedStatement:
 class Pending:
     """A statement sent on a pooled connection of its own, its rows not read yet."""
 
-    def __init__(self, pool, statement: PreparedStatement, params: dict):
+    def __init__(self, pool, statement: PreparedStatement, params: dict, deadline: float):
         self._pool, self._statement = pool, statement
         self._conn = pool.getconn()
+        # Armed from sending until the rows are read: a server that stops answering meanwhile
+        # fails result() instead of blocking the consumer.
+        self._ticket = watchdog.arm(self._conn.fileno(), deadline)
         try:
             self._values = statement.send(self._conn, params)
         except BaseException:
-            pool.putconn(self._conn)  # the pool discards a broken connection
+            self._done()
             raise
 
     def result(self) -> list[tuple]:
         try:
             return self._statement.receive(self._conn, self._values)
         finally:
-            self._pool.putconn(self._conn)
+            self._done()
+
+    def _done(self) -> None:
+        watchdog.disarm(self._ticket)
+        self._pool.putconn(self._conn)  # the pool discards a broken connection
 
 
 def _rows(result: pq.PGresult, encoding: str) -> list[tuple]:

@@ -2,14 +2,19 @@
 -- values are always bound parameters. Times are compared with the server's now(), never a
 -- client clock.
 
--- name: fragment_no_flush_wait
--- A CTE for statements whose loss in a server crash can only make a message deliverable again
--- (taking or extending a lease): their commit does not wait for the WAL flush, which takes the
--- disk's fsync (~0.3 ms here) off the publish-to-start path and out of the worker's way. The next
--- durable commit (a publish, an ack) or the WAL writer, within wal_writer_delay, flushes them.
--- Publishes, acks and dead-letter moves stay durable. The statement must join `no_flush_wait`
--- for the setting to be applied; it is local to the statement's own transaction.
-no_flush_wait AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))
+-- name: session_setup
+-- Every connection of the transport: a statement the server cannot finish in time is cancelled
+-- (the client also gives up on a server that does not answer at all: kombu_pg/deadline.py).
+SELECT set_config('statement_timeout', %(statement_timeout)s, false)
+
+-- name: fragment_lease_commit
+-- A CTE for the statements that take or extend a lease (claim, renew): `synchronous_commit` is
+-- 'on' by default (option durable_leases), so a lease survives a server crash or a failover to
+-- a synchronous standby. Lost, a lease would make a running task's message deliverable again,
+-- and it would run twice. With 'off' the commit does not wait for the WAL flush (~0.3 ms here);
+-- the next durable commit or the WAL writer flushes it. The statement must join `lease_commit`
+-- for the setting to apply; it is local to the statement's own transaction.
+lease_commit AS MATERIALIZED (SELECT set_config('synchronous_commit', %(synchronous_commit)s, true))
 
 -- name: fragment_on_duplicate_key
 -- With a unique key, a message already waiting or running under that key wins: nothing is
@@ -71,7 +76,7 @@ FROM ins
 -- name: claim
 -- Lease up to `limit` deliverable messages. SKIP LOCKED lets concurrent consumers take disjoint
 -- rows without waiting; rows whose lease expired are deliverable again (visible_at passed).
-WITH {no_flush_wait}, c AS (
+WITH {lease_commit}, c AS (
     SELECT id
     FROM {schema}.messages
     WHERE queue = %(queue)s
@@ -79,6 +84,9 @@ WITH {no_flush_wait}, c AS (
       AND (expires_at IS NULL OR expires_at > now())
       -- An expired lease that used up its deliveries is the reaper's, for the dead letters.
       AND (lease_token IS NULL OR delivery_count < coalesce(max_attempts, %(max_attempts)s))
+      -- Never our own: a lease of this process that expired during an outage (a frozen or
+      -- restarting server) is still being worked on and is renewed once the server answers.
+      AND id <> ALL(%(held)s::bigint[])
     ORDER BY priority DESC, visible_at, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -87,7 +95,7 @@ UPDATE {schema}.messages m
 SET lease_token = gen_random_uuid(),
     visible_at = now() + %(lease_seconds)s * interval '1 second',
     delivery_count = m.delivery_count + 1
-FROM c, no_flush_wait
+FROM c, lease_commit
 WHERE m.id = c.id
 RETURNING m.id, m.lease_token, m.delivery_count, m.priority, m.payload, m.released
 
@@ -113,10 +121,10 @@ SELECT queue, pg_notify(%(channel)s, {schema}.wake_payload(now()) || queue) FROM
 
 -- name: renew
 -- Extend leases still held; the ids returned are the leases that are still ours.
-WITH {no_flush_wait}
+WITH {lease_commit}
 UPDATE {schema}.messages m
 SET visible_at = now() + %(lease_seconds)s * interval '1 second'
-FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS a(id, token), no_flush_wait
+FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS a(id, token), lease_commit
 WHERE m.id = a.id AND m.lease_token = a.token
 RETURNING m.id
 
@@ -288,6 +296,8 @@ WITH expired AS (
     FROM {schema}.messages m
     LEFT JOIN {schema}.queues q ON q.name = m.queue
     WHERE m.lease_token IS NOT NULL AND m.visible_at <= now()
+      -- Not the reaping process's own leases (see claim).
+      AND m.id <> ALL(%(held)s::bigint[])
     ORDER BY m.visible_at
     LIMIT %(limit)s
     FOR UPDATE OF m SKIP LOCKED

@@ -76,9 +76,8 @@ class QoS(virtual.QoS):
 
     def ack(self, delivery_tag):
         message_id, token = parse_tag(delivery_tag)
-        db = self.channel.db
-        db.leases.forget([message_id])
-        db.acker.ack(message_id, token, self._queue_of(delivery_tag))
+        # The lease stays held (renewed) until the acker's delete reached the database.
+        self.channel.db.acker.ack(message_id, token, self._queue_of(delivery_tag))
         super().ack(delivery_tag)
 
     def reject(self, delivery_tag, requeue=False):
@@ -196,7 +195,9 @@ class Channel(virtual.Channel):
         statement = self.db.prepared["claim_no_ack" if queue in self._no_ack_queues else "claim"]
         return statement, {"queue": queue, "limit": limit,
                            "max_attempts": self.options.policy(queue)["max_attempts"],
-                           "lease_seconds": self.options.visibility_timeout}
+                           "lease_seconds": self.options.visibility_timeout,
+                           "held": self.db.leases.held_literal(),
+                           "synchronous_commit": self.db.lease_commit}
 
     def claimed(self, queue: str, rows: list[tuple]) -> list[dict]:
         """Messages from the claim's rows (libpq text: id, token, delivery count, priority,

@@ -588,3 +588,25 @@ def write_script(tmp_path: Path, name: str, source: str) -> Path:
     path = tmp_path / name
     path.write_text(textwrap.dedent(source))
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Servers of a test's own, for fault tests (never the shared server)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def private_server():
+    """Factory of PostgreSQL servers owned by the test (tests/pgcluster.py); all closed at
+    teardown. Request it before ``procs`` so that workers stop before their server does."""
+    from pgcluster import PrivateServer
+
+    servers = []
+
+    def make(**settings) -> PrivateServer:
+        server = PrivateServer(**settings)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close()

@@ -1,13 +1,16 @@
 """Which statements wait for the WAL flush at commit.
 
-Taking or extending a lease commits without waiting (a crash of the server can only make the
-message deliverable again); a publish, an ack and a failed attempt wait, so that what the caller
-was told happened survives a crash of the server.
+A publish, an ack, a release and a failed attempt always wait, so that what the caller was told
+happened survives a crash of the server. Taking or extending a lease waits too by default
+(durable_leases): a lease lost in a crash would let a running task's message run again. With
+durable_leases off they commit without waiting.
 """
 import psycopg
 import pytest
 
 from kombu_pg import migrate
+from kombu_pg.config import Options
+from kombu_pg.database import Database
 from kombu_pg.queries import for_schema
 
 PUBLISH = {"queue": "q", "priority": 0, "eta": None, "ttl_ms": None, "payload": "{}", "task_id": "t",
@@ -33,16 +36,21 @@ def db(env):
         yield conn, for_schema(env.broker_schema)
 
 
-def test_leases_do_not_wait_for_the_flush_and_everything_else_does(db):
+@pytest.mark.parametrize("durable_leases", [True, False])
+def test_which_statements_wait_for_the_flush(db, durable_leases):
     conn, q = db
+    lease_commit = Options(durable_leases=durable_leases)
+    lease_setting = "on" if durable_leases else "off"
     assert synchronous_commit_after(conn, q.publish_direct, PUBLISH) == "on"
     assert synchronous_commit_after(conn, q.publish_direct, PUBLISH) == "on"
 
-    rows, setting = run(conn, q.claim, {"queue": "q", "limit": 10, "max_attempts": 5, "lease_seconds": 30})
-    assert len(rows) == 2 and setting == "off"
+    commit = {"synchronous_commit": Database("", lease_commit, "").lease_commit}
+    rows, setting = run(conn, q.claim, {"queue": "q", "limit": 10, "max_attempts": 5, "lease_seconds": 30,
+                                        "held": [], **commit})
+    assert len(rows) == 2 and setting == lease_setting
     ids, tokens = [r[0] for r in rows], [r[1] for r in rows]
     assert synchronous_commit_after(
-        conn, q.renew, {"ids": ids, "tokens": tokens, "lease_seconds": 30}) == "off"
+        conn, q.renew, {"ids": ids, "tokens": tokens, "lease_seconds": 30, **commit}) == lease_setting
     # The setting was local to those transactions.
     assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "on"
 
