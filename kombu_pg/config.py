@@ -35,8 +35,12 @@ class Options:
     visibility_timeout: float = 30.0
     #: Seconds between safety-net polls (missed notifications, due ETAs, expired leases).
     polling_interval: float = 1.0
-    #: Apply pending migrations on first connect (under an advisory lock).
+    #: Apply pending migrations on first connect (under an advisory lock). A current schema is
+    #: only read: a role with the privileges of `kombu-pg grants` suffices then.
     auto_migrate: bool = True
+    #: Seconds a client that has migrations to apply waits for another session's migration
+    #: lock before it fails. Longer than connect_timeout: a migration may take a while.
+    migrate_lock_timeout: float = 30.0
     #: Use LISTEN/NOTIFY wake-ups. False polls only (e.g. behind PgBouncer transaction pooling).
     listen: bool = True
     #: A separate URL for the LISTEN connection (e.g. directly to PostgreSQL, bypassing a pooler).
@@ -90,6 +94,8 @@ class Options:
             raise ConfigurationError("transport option 'visibility_timeout' must be >= 1 second")
         if options.polling_interval <= 0:
             raise ConfigurationError("transport option 'polling_interval' must be > 0")
+        if options.migrate_lock_timeout <= 0:
+            raise ConfigurationError("transport option 'migrate_lock_timeout' must be > 0")
         if options.max_attempts < 1:
             raise ConfigurationError("transport option 'max_attempts' must be >= 1")
         for queue, overrides in options.queue_options.items():
