@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -151,6 +152,26 @@ def mask_url(url: str, mask: str = "**") -> str:
         return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
     except ValueError:
         return _NETLOC_PASSWORD.sub(rf"\1{mask}@", url)
+
+
+#: A URL carrying a password: in its user info, or as a ``password=`` query parameter.
+_URL_WITH_PASSWORD = re.compile(r"://[^/@]*:[^/@]*@|[?&]password=", re.IGNORECASE)
+
+
+def masked(value, mask: str = "**"):
+    """``value`` with the password of every URL in it masked: a string, or the values of a
+    mapping, list or tuple (recursively). Kombu's ``a;b`` failover lists are masked per URL."""
+    if isinstance(value, str):
+        if "://" not in value or not _URL_WITH_PASSWORD.search(value):
+            return value
+        if value.count("://") > 1 and ";" in value:
+            return ";".join(masked(part, mask) for part in value.split(";"))
+        return mask_url(value, mask)
+    if isinstance(value, Mapping):
+        return {key: masked(item, mask) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(masked(item, mask) for item in value)
+    return value
 
 
 def scrub(text: str, conninfo: str | None) -> str:
