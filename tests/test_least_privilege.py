@@ -124,6 +124,16 @@ def test_unmigrated_schema_and_no_create_right_give_one_line_naming_the_fix(make
     assert not env.db.scalar("SELECT count(*) FROM pg_namespace WHERE nspname = %s", (env.broker_schema,))
 
 
+def test_role_without_the_grants_is_told_to_get_them(make_app, procs, env, runtime_role):
+    migrated = kombu_pg(procs, "migrate", url=env.url, schema=env.broker_schema)
+    assert migrated.returncode == 0, migrated.stderr
+    app = make_app(broker_url=runtime_role.url)
+    with pytest.raises(Exception) as info:
+        app.add.delay(1, 1)
+    message = one_line(str(info.value))
+    assert f"kombu-pg grants {runtime_role.name} --apply" in message and "permission denied" in message
+
+
 def test_migration_lock_holder_blocks_no_start_and_times_out_a_migration(make_app, procs, env, runtime_role):
     migrate_and_grant(procs, env, runtime_role)
     # Any role that can connect can take the migration lock and keep it.
