@@ -70,12 +70,12 @@ def migrate(conn: psycopg.Connection, schema: str,
                 applied.append(version)
     except _LockTimeout:
         raise MigrationError(
-            f"schema {schema!r} needs migrations {_versions(pending(conn, schema))} but the migration "
-            f"lock stayed taken for {lock_timeout:g} s ({_holders(conn, schema)}): {FIX}") from None
+            f"schema {schema!r} needs {_needed(conn, schema)} but the migration lock stayed taken for "
+            f"{lock_timeout:g} s ({_holders(conn, schema)}): {FIX}") from None
     except psycopg.errors.InsufficientPrivilege as exc:
         raise MigrationError(
-            f"schema {schema!r} needs migrations {_versions(pending(conn, schema))}, which role "
-            f"{conn.info.user!r} may not apply ({_one_line(exc)}): {FIX}") from None
+            f"schema {schema!r} needs {_needed(conn, schema)}, which role {conn.info.user!r} may not "
+            f"apply ({_one_line(exc)}): {FIX}") from None
     return applied
 
 
@@ -115,8 +115,13 @@ def pending(conn: psycopg.Connection, schema: str) -> list[int]:
     return [version for version, _, _ in available() if version not in done]
 
 
-def _versions(versions: list[int]) -> str:
-    return ", ".join(f"{v:04d}" for v in versions) or "none (any more)"
+def _needed(conn: psycopg.Connection, schema: str) -> str:
+    """'migrations 0004, 0005', for an error message (just "migrations" if that cannot be read)."""
+    try:
+        versions = pending(conn, schema)
+    except (MigrationError, psycopg.Error):
+        versions = []
+    return "migrations " + ", ".join(f"{v:04d}" for v in versions) if versions else "migrations"
 
 
 def _one_line(exc: BaseException) -> str:
