@@ -139,7 +139,8 @@ def test_migration_lock_holder_blocks_no_start_and_times_out_a_migration(make_ap
     # Any role that can connect can take the migration lock and keep it.
     holder = psycopg.connect(runtime_role.url, autocommit=True, application_name="kp_lock_holder")
     try:
-        holder.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (0x6B706D67, env.broker_schema))
+        holder.execute("SELECT pg_advisory_lock(%s, hashtext(%s))",  # the key of kombu_pg/migrate.py
+                       (0x6B706D67, env.broker_schema))
         # A current schema: a worker starts regardless.
         app = make_app(broker_url=runtime_role.url)
         procs.worker(app)
@@ -154,6 +155,9 @@ def test_migration_lock_holder_blocks_no_start_and_times_out_a_migration(make_ap
         message = one_line(str(info.value))
         assert_names_the_fix(message)
         assert "0005" in message and "lock" in message and "kp_lock_holder" in message, message
+        worker = procs.worker(producer, name="w2", wait=False)
+        assert worker.wait_exit(60) != 0
+        assert "migration lock stayed taken" in worker.log() and "Traceback" not in worker.log()
         result = kombu_pg(procs, "migrate", "--lock-timeout", "1", url=env.url, schema=env.broker_schema)
         assert result.returncode != 0
         assert_names_the_fix(one_line(result.stderr))
