@@ -24,4 +24,25 @@ def _defaults_for(app) -> dict:
     return install(app)
 
 
+def censor_urls(utils_module) -> None:
+    """Wrap ``celery.app.utils.filter_hidden_settings``, which ``Settings.table()`` (behind
+    humanize, bugreport and inspect conf) looks up at each call, so that censored settings also
+    mask the passwords of URLs in any value, such as the transport option listen_url."""
+    original = utils_module.filter_hidden_settings
+    if getattr(original, "_kombu_pg", False):
+        return
+
+    def filter_hidden_settings(conf):
+        from kombu_pg.config import masked
+
+        return masked(original(conf), "*" * 8)  # Celery's own mask there
+
+    filter_hidden_settings._kombu_pg = True
+    filter_hidden_settings.__doc__ = original.__doc__
+    utils_module.filter_hidden_settings = filter_hidden_settings
+
+
 after_import("celery._state", _on_celery_state)
+# Censored settings (celery report, conf.humanize) must not show passwords of URL-valued
+# options such as listen_url, whichever app asks.
+after_import("celery.app.utils", censor_urls)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 
 from billiard.exceptions import WorkerLostError
+from celery.exceptions import WorkerShutdown
 from celery.worker.consumer.consumer import Consumer
 from celery.worker.request import Request
 from kombu.exceptions import ContentDisallowed, DecodeError
 
+from kombu_pg.config import ConfigurationError
 from kombu_pg.database import error_entry
 from kombu_pg.transport import Channel, parse_tag
 
@@ -94,9 +96,26 @@ def _record_worker_lost(request, exc) -> None:
                        outcome["retry_at"].isoformat())
 
 
+def _exit_on_configuration_error(connect):
+    """A broker the worker cannot use as configured (a broken option, migrations its role may
+    not apply) is not a connection error to retry: say why in one line and exit, rather than
+    Celery's "Unrecoverable error" with a traceback through Kombu."""
+    def wrapper(self, *args, **kwargs):
+        try:
+            return connect(self, *args, **kwargs)
+        except ConfigurationError as exc:
+            logger.critical("kombu-pg: cannot use the broker: %s", exc)
+            raise WorkerShutdown(1) from None
+
+    wrapper.__name__ = connect.__name__
+    wrapper._kombu_pg = True
+    return wrapper
+
+
 def install() -> None:
     if getattr(Consumer.on_decode_error, "_kombu_pg", False):
         return
+    Consumer.connect = _exit_on_configuration_error(Consumer.connect)
     Consumer.on_decode_error = _before(Consumer.on_decode_error, "undecodable")
     Consumer.on_unknown_task = _before(Consumer.on_unknown_task, "unregistered")
     Consumer.on_unknown_message = _before(Consumer.on_unknown_message, "unknown_message")

@@ -9,7 +9,7 @@ from celery import signals
 from kombu_pg.config import SCHEMES
 from kombu_pg.transport import MAX_ATTEMPTS_HEADER, UNIQUE_KEY_HEADER, Transport
 
-from . import consumer, inflight, metrics, retries
+from . import consumer, inflight, metrics, retries, secrets
 
 logger = logging.getLogger("kombu_pg")
 
@@ -45,6 +45,7 @@ def install(app) -> dict:
     signals.before_task_publish.connect(_publish_headers, weak=False, dispatch_uid="kombu_pg.publish")
     app.on_after_finalize.connect(_wrap_tasks, weak=False, dispatch_uid="kombu_pg.wrap")
     app.steps["worker"].add(metrics.WorkerMetrics)  # /metrics, when a port is configured
+    app.steps["consumer"].add(secrets.BrokerInfo)  # celery inspect stats, without passwords
     app._kombu_pg_installed = True
     # Added as a defaults layer in front of Celery's own, so keys the user set anywhere (conf,
     # a config module) are left alone, now and if they change later.

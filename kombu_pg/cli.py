@@ -9,7 +9,7 @@ import sys
 import click
 import psycopg
 
-from . import beat_admin, config
+from . import beat_admin, config, grants
 from . import migrate as migrations
 from .admin import Admin, Filter
 
@@ -60,8 +60,12 @@ def _target(ctx: click.Context) -> Target:
     url = ctx.meta.get("kombu_pg.url") or (app_target.url if app_target else None)
     if not url:
         raise click.UsageError("no broker URL: pass --url or set KOMBU_PG_URL")
-    schema = ctx.meta.get("kombu_pg.schema") or (app_target.schema if app_target else config.Options.schema)
-    return Target(url, schema)
+    return Target(url, _schema(ctx))
+
+
+def _schema(ctx: click.Context) -> str:
+    app_target = ctx.meta.get("kombu_pg.target")
+    return ctx.meta.get("kombu_pg.schema") or (app_target.schema if app_target else config.Options.schema)
 
 
 def _run(fn, *args, **kwargs):
@@ -79,21 +83,45 @@ def main():
 
 
 @click.command(help="Create or upgrade the broker tables (idempotent).")
+@click.option("--lock-timeout", type=Duration(), default=config.Options.migrate_lock_timeout,
+              show_default=True, help="How long to wait for another session's migration lock.")
 @target_options
 @click.pass_context
-def migrate(ctx):
+def migrate(ctx, lock_timeout):
     target = _target(ctx)
     admin = target.admin()
 
     def apply():
         with admin.connect() as conn:
-            return migrations.migrate(conn, target.schema)
+            return migrations.migrate(conn, target.schema, lock_timeout)
 
     applied = _run(apply)
     if applied:
         click.echo(f"schema {target.schema}: applied migrations {', '.join(f'{v:04d}' for v in applied)}")
     else:
         click.echo(f"schema {target.schema}: up to date")
+
+
+@click.command("grants", help="Print the GRANT statements a runtime role (workers, producers, beat, "
+                              "stats, dlq) needs on the migrated schema; --apply runs them.")
+@click.argument("role")
+@click.option("--apply", "apply_them", is_flag=True, help="Run them (as the schema's owner), all or none.")
+@target_options
+@click.pass_context
+def grants_command(ctx, role, apply_them):
+    if not apply_them:  # printing needs no database
+        click.echo("\n".join(f"{s};" for s in grants.statements(_schema(ctx), role)))
+        return
+    target = _target(ctx)
+    admin = target.admin()
+
+    def apply():
+        with admin.connect() as conn:
+            return grants.apply(conn, target.schema, role)
+
+    for statement in _run(apply):
+        click.echo(f"{statement};")
+    click.echo(f"role {role}: granted the runtime privileges on schema {target.schema}")
 
 
 @click.command(help="Per queue: ready, delayed and leased messages, oldest ready age; dead letters by reason.")
@@ -222,7 +250,7 @@ def metrics_command(ctx, port, host):
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from None
 
 
-COMMANDS = (migrate, stats, dlq, metrics_command, beat_admin.build())
+COMMANDS = (migrate, grants_command, stats, dlq, metrics_command, beat_admin.build())
 for _command in COMMANDS:
     main.add_command(_command)
 

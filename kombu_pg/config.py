@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -35,8 +36,12 @@ class Options:
     visibility_timeout: float = 30.0
     #: Seconds between safety-net polls (missed notifications, due ETAs, expired leases).
     polling_interval: float = 1.0
-    #: Apply pending migrations on first connect (under an advisory lock).
+    #: Apply pending migrations on first connect (under an advisory lock). A current schema is
+    #: only read: a role with the privileges of `kombu-pg grants` suffices then.
     auto_migrate: bool = True
+    #: Seconds a client that has migrations to apply waits for another session's migration
+    #: lock before it fails. Longer than connect_timeout: a migration may take a while.
+    migrate_lock_timeout: float = 30.0
     #: Use LISTEN/NOTIFY wake-ups. False polls only (e.g. behind PgBouncer transaction pooling).
     listen: bool = True
     #: A separate URL for the LISTEN connection (e.g. directly to PostgreSQL, bypassing a pooler).
@@ -105,7 +110,7 @@ class Options:
             raise ConfigurationError("transport option 'visibility_timeout' must be >= 1 second")
         if options.polling_interval <= 0:
             raise ConfigurationError("transport option 'polling_interval' must be > 0")
-        for key in ("statement_timeout", "tcp_user_timeout", "keepalives_idle"):
+        for key in ("statement_timeout", "tcp_user_timeout", "keepalives_idle", "migrate_lock_timeout"):
             if getattr(options, key) <= 0:
                 raise ConfigurationError(f"transport option {key!r} must be > 0 seconds")
         if options.max_attempts < 1:
@@ -185,6 +190,26 @@ def mask_url(url: str, mask: str = "**") -> str:
         return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
     except ValueError:
         return _NETLOC_PASSWORD.sub(rf"\1{mask}@", url)
+
+
+#: A URL carrying a password: in its user info, or as a ``password=`` query parameter.
+_URL_WITH_PASSWORD = re.compile(r"://[^/@]*:[^/@]*@|[?&]password=", re.IGNORECASE)
+
+
+def masked(value, mask: str = "**"):
+    """``value`` with the password of every URL in it masked: a string, or the values of a
+    mapping, list or tuple (recursively). Kombu's ``a;b`` failover lists are masked per URL."""
+    if isinstance(value, str):
+        if "://" not in value or not _URL_WITH_PASSWORD.search(value):
+            return value
+        if value.count("://") > 1 and ";" in value:
+            return ";".join(masked(part, mask) for part in value.split(";"))
+        return mask_url(value, mask)
+    if isinstance(value, Mapping):
+        return {key: masked(item, mask) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(masked(item, mask) for item in value)
+    return value
 
 
 def scrub(text: str, conninfo: str | None) -> str:

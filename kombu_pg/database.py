@@ -132,18 +132,19 @@ class Database:
         pool.close()
 
     def ensure_ready(self) -> None:
-        """Check that we can connect, and migrate the schema once per process."""
+        """Check that we can connect, and migrate the schema if need be, once per process."""
         if self._ready:
             return
-        with self.connect(bounded=False) as conn:
-            if self.options.auto_migrate:
-                migrate.migrate(conn, self.options.schema)
-            else:
-                missing = migrate.pending(conn, self.options.schema)
-                if missing:
-                    raise ConfigurationError(
-                        f"schema {self.options.schema!r} lacks migrations {missing} and auto_migrate "
-                        "is off: run `kombu-pg migrate`")
+        with self.connect(bounded=False) as conn:  # migrations may take long
+            # Read first: against a current schema, take no lock and create nothing, so that a
+            # role without CREATE rights starts, and nobody holding the lock can stop it.
+            missing = migrate.pending(conn, self.options.schema)
+            if missing and not self.options.auto_migrate:
+                raise ConfigurationError(
+                    f"schema {self.options.schema!r} lacks migrations {missing} and auto_migrate "
+                    "is off: run `kombu-pg migrate`")
+            if missing:
+                migrate.migrate(conn, self.options.schema, self.options.migrate_lock_timeout)
         self._ready = True
 
     def run(self, query: str | PreparedStatement, params: Any = None, *, fetch: bool = False):

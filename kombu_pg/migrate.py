@@ -8,11 +8,21 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from .config import ConfigurationError, Options
+from .queries import for_schema
+
 logger = logging.getLogger(__name__)
 
 _FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
 # Arbitrary constant: the first key of the two-int advisory lock that serializes migrations.
 _LOCK_NAMESPACE = 0x6B706D67  # "kpmg"
+#: The fix named by every error here: who may apply migrations, and how.
+FIX = ("run `kombu-pg migrate` as a role that may create the schema (the auto_migrate transport "
+       "option makes clients migrate on connect, which needs such a role)")
+
+
+class MigrationError(ConfigurationError):
+    """The schema needs migrations this connection cannot apply (one line, no password)."""
 
 
 def migrations_dir() -> Path:
@@ -32,42 +42,87 @@ def available() -> list[tuple[int, str, Path]]:
     return found
 
 
-def migrate(conn: psycopg.Connection, schema: str) -> list[int]:
+def migrate(conn: psycopg.Connection, schema: str,
+            lock_timeout: float = Options.migrate_lock_timeout) -> list[int]:
     """Bring ``schema`` up to date; returns the versions applied (empty if none were due).
 
-    One transaction: concurrent migrators wait on the advisory lock, then see the versions the
-    first one recorded (PostgreSQL DDL is transactional, so a failure leaves nothing behind).
+    One transaction: concurrent migrators wait on the advisory lock (at most ``lock_timeout``
+    seconds), then see the versions the first one recorded (PostgreSQL DDL is transactional,
+    so a failure leaves nothing behind). Raises :class:`MigrationError` when the lock stays
+    taken or the role lacks a privilege.
     """
-    ident = sql.Identifier(schema)
+    q = for_schema(schema)
     applied: list[int] = []
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_NAMESPACE, schema))
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
-        conn.execute(sql.SQL(
-            "CREATE TABLE IF NOT EXISTS {}.schema_migrations ("
-            " version integer PRIMARY KEY, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())").format(ident))
-        done = {row[0] for row in conn.execute(
-            sql.SQL("SELECT version FROM {}.schema_migrations").format(ident))}
-        for version, name, path in available():
-            if version in done:
-                continue
-            # A migration file holds several statements: sent without parameters, psycopg uses
-            # the simple query protocol, which accepts them in one call.
-            conn.execute(sql.SQL(path.read_text()).format(schema=ident))
-            conn.execute(sql.SQL("INSERT INTO {}.schema_migrations (version, name) VALUES (%s, %s)")
-                         .format(ident), (version, name))
-            logger.info("kombu_pg: applied migration %04d_%s to schema %s", version, name, schema)
-            applied.append(version)
+    try:
+        with conn.transaction():
+            _lock(conn, schema, lock_timeout)
+            conn.execute(q.create_schema)
+            conn.execute(q.create_migrations_table)
+            done = {row[0] for row in conn.execute(q.applied_migrations)}
+            for version, name, path in available():
+                if version in done:
+                    continue
+                # A migration file holds several statements: sent without parameters, psycopg
+                # uses the simple query protocol, which accepts them in one call.
+                conn.execute(sql.SQL(path.read_text()).format(schema=sql.Identifier(schema)))
+                conn.execute(q.record_migration, {"version": version, "name": name})
+                logger.info("kombu_pg: applied migration %04d_%s to schema %s", version, name, schema)
+                applied.append(version)
+    except _LockTimeout:
+        raise MigrationError(
+            f"schema {schema!r} needs {_needed(conn, schema)} but the migration lock stayed taken for "
+            f"{lock_timeout:g} s ({_holders(conn, schema)}): {FIX}") from None
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise MigrationError(
+            f"schema {schema!r} needs {_needed(conn, schema)}, which role {conn.info.user!r} may not "
+            f"apply ({_one_line(exc)}): {FIX}") from None
     return applied
 
 
+class _LockTimeout(Exception):
+    pass
+
+
+def _lock(conn: psycopg.Connection, schema: str, timeout: float) -> None:
+    q = for_schema(schema)
+    try:
+        conn.execute(q.migrate_lock, {"timeout": f"{max(1, round(timeout * 1000))}ms",
+                                      "namespace": _LOCK_NAMESPACE, "schema": schema})
+    except psycopg.errors.LockNotAvailable:
+        raise _LockTimeout() from None
+    conn.execute(q.migrate_lock_taken)
+
+
+def _holders(conn: psycopg.Connection, schema: str) -> str:
+    rows = conn.execute(for_schema(schema).migrate_lock_holders,
+                        {"namespace": _LOCK_NAMESPACE, "schema": schema}).fetchall()
+    held = [f"pid {pid}, role {user!r}" + (f", application {app!r}" if app else "") for pid, user, app in rows]
+    return "held by " + "; ".join(held) if held else "its holder is gone now"
+
+
 def pending(conn: psycopg.Connection, schema: str) -> list[int]:
-    """Versions not yet applied (all of them if the schema does not exist)."""
-    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL",
-                          (f"{sql.Identifier(schema).as_string(conn)}.schema_migrations",)).fetchone()[0]
-    done = set()
-    if exists:
-        done = {row[0] for row in conn.execute(
-            sql.SQL("SELECT version FROM {}.schema_migrations").format(sql.Identifier(schema)))}
+    """Versions not yet applied (all of them if the schema does not exist). Read only."""
+    q = for_schema(schema)
+    try:
+        done = set()
+        if conn.execute(q.migrations_table_exists, {"schema": schema}).fetchone()[0]:
+            done = {row[0] for row in conn.execute(q.applied_migrations)}
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise MigrationError(
+            f"role {conn.info.user!r} may not read schema {schema!r} ({_one_line(exc)}): grant it "
+            f"the runtime privileges with `kombu-pg grants {conn.info.user} --apply`, run by the "
+            "schema's owner") from None
     return [version for version, _, _ in available() if version not in done]
+
+
+def _needed(conn: psycopg.Connection, schema: str) -> str:
+    """'migrations 0004, 0005', for an error message (just "migrations" if that cannot be read)."""
+    try:
+        versions = pending(conn, schema)
+    except (MigrationError, psycopg.Error):
+        versions = []
+    return "migrations " + ", ".join(f"{v:04d}" for v in versions) if versions else "migrations"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())

@@ -1,0 +1,26 @@
+"""The privileges a runtime role needs on a migrated schema (``kombu-pg grants``), from grants.sql."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+_TEMPLATE = Path(__file__).with_name("grants.sql").read_text()
+
+
+def statements(schema: str, role: str) -> list[str]:
+    """The GRANT statements of grants.sql for ``role`` on ``schema``, names quoted as needed."""
+    code = "\n".join(line for line in _TEMPLATE.splitlines() if not line.startswith("--"))
+    names = {"schema": sql.Identifier(schema), "role": sql.Identifier(role)}
+    return [sql.SQL(" ".join(text.split())).format(**names).as_string(None)
+            for text in code.split(";") if text.strip()]
+
+
+def apply(conn: psycopg.Connection, schema: str, role: str) -> list[str]:
+    """Run them, all or none; returns them."""
+    done = statements(schema, role)
+    with conn.transaction():
+        for statement in done:
+            conn.execute(statement)
+    return done
