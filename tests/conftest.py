@@ -596,9 +596,9 @@ def write_script(tmp_path: Path, name: str, source: str) -> Path:
 
 @pytest.fixture
 def private_server():
-    """Factory of PostgreSQL servers owned by the test (tests/pgcluster.py); all closed at
+    """Factory of PostgreSQL servers owned by the test (kombu_pg/testing/server.py); all closed at
     teardown. Request it before ``procs`` so that workers stop before their server does."""
-    from pgcluster import PrivateServer
+    from kombu_pg.testing.server import PrivateServer
 
     servers = []
 

@@ -1,6 +1,6 @@
 """Faults of the server under a consuming worker: killed connections, restarts, a frozen server.
 
-The broker runs on a PostgreSQL server of the test's own (tests/pgcluster.py), which the test
+The broker runs on a PostgreSQL server of the test's own (kombu_pg/testing/server.py), which the test
 restarts, freezes and whose connections it kills; the tasks record each run in the test
 database, which stays up. What must hold: no task lost, none run twice.
 

@@ -9,14 +9,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "kombu_pg"
 
 def test_no_module_of_kombu_pg_imports_celery():
     offenders = []
-    for path in PACKAGE.glob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 names = [node.module]
-            offenders += [f"{path.name}: {name}" for name in names
+            offenders += [f"{path.relative_to(PACKAGE)}: {name}" for name in names
                           if name.split(".")[0] in ("celery", "celery_ext")]
     assert offenders == []
 
