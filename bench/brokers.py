@@ -160,7 +160,8 @@ class PgEnv(Env):
         with self.sql() as conn:
             rows, delayed, leased = conn.execute(sql.SQL(
                 "SELECT count(*), count(*) FILTER (WHERE visible_at > now() AND lease_token IS NULL),"
-                " count(*) FILTER (WHERE lease_token IS NOT NULL) FROM {} WHERE queue = %s"
+                " count(*) FILTER (WHERE lease_token IS NOT NULL AND coalesce(leased_until, visible_at) > now())"
+                " FROM {} WHERE queue = %s"
             ).format(self.table()), (queue,)).fetchone()
             size = conn.execute("SELECT pg_total_relation_size(%s)",
                                 (self.table().as_string(conn),)).fetchone()[0]

@@ -16,6 +16,12 @@ SELECT set_config('statement_timeout', %(statement_timeout)s, false)
 -- for the setting to apply; it is local to the statement's own transaction.
 lease_commit AS MATERIALIZED (SELECT set_config('synchronous_commit', %(synchronous_commit)s, true))
 
+-- name: fragment_unleased
+-- No live lease. A lease is (lease_token, leased_until); a row leased by a worker of the
+-- previous layout has leased_until NULL and its lease's end in visible_at (see migration 0006).
+-- Neither column is indexed, so taking and renewing leases are HOT updates.
+(lease_token IS NULL OR coalesce(leased_until, visible_at) <= now())
+
 -- name: fragment_on_duplicate_key
 -- With a unique key, a message already waiting or running under that key wins: nothing is
 -- inserted and no row returned (the caller logs the duplicate). In replace mode a waiting one
@@ -74,13 +80,17 @@ SELECT queue, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, {schema}.wake_pay
 FROM ins
 
 -- name: claim
--- Lease up to `limit` deliverable messages. SKIP LOCKED lets concurrent consumers take disjoint
--- rows without waiting; rows whose lease expired are deliverable again (visible_at passed).
+-- Lease up to `limit` deliverable messages: ready (visible_at passed) and without a live lease.
+-- SKIP LOCKED lets concurrent consumers take disjoint rows without waiting; rows whose lease
+-- expired are deliverable again. The index gives ready rows in delivery order; rows leased now
+-- are skipped by the filter, so a claim costs more with the number of messages being worked on,
+-- not with how many went through the table. Only unindexed columns change: a HOT update.
 WITH {lease_commit}, c AS (
     SELECT id
     FROM {schema}.messages
     WHERE queue = %(queue)s
       AND visible_at <= now()
+      AND {unleased}
       AND (expires_at IS NULL OR expires_at > now())
       -- An expired lease that used up its deliveries is the reaper's, for the dead letters.
       AND (lease_token IS NULL OR delivery_count < coalesce(max_attempts, %(max_attempts)s))
@@ -93,7 +103,7 @@ WITH {lease_commit}, c AS (
 )
 UPDATE {schema}.messages m
 SET lease_token = gen_random_uuid(),
-    visible_at = now() + %(lease_seconds)s * interval '1 second',
+    leased_until = now() + %(lease_seconds)s * interval '1 second',
     delivery_count = m.delivery_count + 1
 FROM c, lease_commit
 WHERE m.id = c.id
@@ -111,7 +121,7 @@ RETURNING m.queue
 -- row, no copy, visible at once. Its delivery did not count as an attempt.
 WITH released AS (
     UPDATE {schema}.messages m
-    SET lease_token = NULL, visible_at = now(), delivery_count = greatest(m.delivery_count - 1, 0),
+    SET lease_token = NULL, leased_until = NULL, delivery_count = greatest(m.delivery_count - 1, 0),
         released = true
     FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS a(id, token)
     WHERE m.id = a.id AND m.lease_token = a.token
@@ -123,7 +133,7 @@ SELECT queue, pg_notify(%(channel)s, {schema}.wake_payload(now()) || queue) FROM
 -- Extend leases still held; the ids returned are the leases that are still ours.
 WITH {lease_commit}
 UPDATE {schema}.messages m
-SET visible_at = now() + %(lease_seconds)s * interval '1 second'
+SET leased_until = now() + %(lease_seconds)s * interval '1 second'
 FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS a(id, token), lease_commit
 WHERE m.id = a.id AND m.lease_token = a.token
 RETURNING m.id
@@ -131,11 +141,11 @@ RETURNING m.id
 -- name: size
 -- Ready messages only, like AMQP's message_count (leased and delayed ones are not counted).
 SELECT count(*) FROM {schema}.messages
-WHERE queue = %(queue)s AND visible_at <= now() AND (expires_at IS NULL OR expires_at > now())
+WHERE queue = %(queue)s AND visible_at <= now() AND {unleased} AND (expires_at IS NULL OR expires_at > now())
 
 -- name: purge
 -- Ready messages only: leased messages belong to a consumer, delayed (ETA) ones are not due yet.
-DELETE FROM {schema}.messages WHERE queue = %(queue)s AND visible_at <= now()
+DELETE FROM {schema}.messages WHERE queue = %(queue)s AND visible_at <= now() AND {unleased}
 
 -- name: declare_queue
 INSERT INTO {schema}.queues (name, durable, auto_delete, expires, message_ttl,
@@ -220,6 +230,7 @@ WITH c AS (
     FROM {schema}.messages
     WHERE queue = %(queue)s
       AND visible_at <= now()
+      AND {unleased}
       AND (expires_at IS NULL OR expires_at > now())
     ORDER BY priority DESC, visible_at, id
     LIMIT %(limit)s
@@ -259,7 +270,7 @@ WITH m AS (
     RETURNING id
 ), retried AS (
     UPDATE {schema}.messages r
-    SET lease_token = NULL,
+    SET lease_token = NULL, leased_until = NULL,
         errors = r.errors || %(error)s::jsonb,
         visible_at = now() + least(m.backoff_cap, m.base * power(2, greatest(m.delivery_count - 1, 0)))
                              * (0.5 + random() / 2) * interval '1 second'
@@ -295,10 +306,10 @@ WITH expired AS (
            coalesce(m.max_attempts, q.max_attempts, %(default_max_attempts)s) AS cap
     FROM {schema}.messages m
     LEFT JOIN {schema}.queues q ON q.name = m.queue
-    WHERE m.lease_token IS NOT NULL AND m.visible_at <= now()
+    WHERE m.lease_token IS NOT NULL AND coalesce(m.leased_until, m.visible_at) <= now()
       -- Not the reaping process's own leases (see claim).
       AND m.id <> ALL(%(held)s::bigint[])
-    ORDER BY m.visible_at
+    ORDER BY coalesce(m.leased_until, m.visible_at)
     LIMIT %(limit)s
     FOR UPDATE OF m SKIP LOCKED
 ), note AS (
@@ -319,7 +330,7 @@ WITH expired AS (
     RETURNING message_id, queue, task_id, attempts
 ), returned AS (
     UPDATE {schema}.messages r
-    SET lease_token = NULL, errors = r.errors || (SELECT error FROM note)
+    SET lease_token = NULL, leased_until = NULL, errors = r.errors || (SELECT error FROM note)
     FROM expired e
     WHERE r.id = e.id AND e.delivery_count < e.cap
     RETURNING r.id, r.queue, r.task_id, r.delivery_count
@@ -395,10 +406,10 @@ WHERE {dead_letter_filter}
 -- Ready: deliverable now. Delayed: waiting for an ETA or a retry backoff. Leased: held by a
 -- consumer. Oldest ready age: how long the longest-waiting ready message has been deliverable.
 SELECT coalesce(q.name, m.queue) AS queue,
-       count(m.id) FILTER (WHERE m.visible_at <= now()) AS ready,
+       count(m.id) FILTER (WHERE m.visible_at <= now() AND {unleased}) AS ready,
        count(m.id) FILTER (WHERE m.visible_at > now() AND m.lease_token IS NULL) AS delayed,
-       count(m.id) FILTER (WHERE m.visible_at > now() AND m.lease_token IS NOT NULL) AS leased,
-       extract(epoch FROM now() - min(m.visible_at) FILTER (WHERE m.visible_at <= now()))
+       count(m.id) FILTER (WHERE NOT {unleased}) AS leased,
+       extract(epoch FROM now() - min(m.visible_at) FILTER (WHERE m.visible_at <= now() AND {unleased}))
            AS oldest_ready_age_s
 FROM {schema}.messages m
 FULL JOIN {schema}.queues q ON q.name = m.queue

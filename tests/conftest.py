@@ -194,7 +194,10 @@ class Env:
         if not self.broker_ready():
             return []
         cur = self.db.conn.cursor(row_factory=psycopg.rows.dict_row)
-        query = sql.SQL("SELECT *, visible_at > now() AS invisible FROM {} WHERE ({}) {} ORDER BY id").format(
+        # Invisible: not due yet, or under a live lease.
+        query = sql.SQL("SELECT *, visible_at > now() OR (lease_token IS NOT NULL AND"
+                        " coalesce(leased_until, visible_at) > now()) AS invisible"
+                        " FROM {} WHERE ({}) {} ORDER BY id").format(
             self.t("messages"), sql.SQL(where),
             sql.SQL("AND queue = {}").format(sql.Literal(queue)) if queue else sql.SQL(""))
         return cur.execute(query).fetchall()

@@ -77,9 +77,9 @@ def db_queues(env) -> dict[str, dict]:
     """Per queue (declared or holding messages): ready, delayed, leased, by plain SQL."""
     rows = env.db.query(sql.SQL(
         "SELECT queue,"
-        " count(*) FILTER (WHERE visible_at <= now()),"
+        " count(*) FILTER (WHERE visible_at <= now() AND NOT (lease_token IS NOT NULL AND coalesce(leased_until, visible_at) > now())),"
         " count(*) FILTER (WHERE visible_at > now() AND lease_token IS NULL),"
-        " count(*) FILTER (WHERE visible_at > now() AND lease_token IS NOT NULL)"
+        " count(*) FILTER (WHERE lease_token IS NOT NULL AND coalesce(leased_until, visible_at) > now())"
         " FROM {} GROUP BY queue").format(env.t("messages")))
     out = {name: {"ready": 0, "delayed": 0, "leased": 0} for name in env.queue_names()}
     for queue, ready, delayed, leased in rows:
@@ -101,7 +101,7 @@ def db_replayed(env) -> int:
 def db_oldest_ready_age(env, queue: str) -> float:
     return float(env.db.scalar(sql.SQL(
         "SELECT coalesce(extract(epoch FROM now() - min(visible_at)), 0) FROM {}"
-        " WHERE queue = %s AND visible_at <= now()").format(env.t("messages")), (queue,)))
+        " WHERE queue = %s AND visible_at <= now() AND NOT (lease_token IS NOT NULL AND coalesce(leased_until, visible_at) > now())").format(env.t("messages")), (queue,)))
 
 
 def exported_db_view(s: Scrape) -> tuple[dict, dict, int]:
