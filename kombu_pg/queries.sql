@@ -350,7 +350,9 @@ WHERE id = %(id)s
 -- name: dlq_replay_batch
 -- Put a batch of dead letters back on their queues as new messages: attempts start again, the
 -- error history comes along, and the dead letter stays (marked replayed) until purged. Run in
--- one transaction for a whole replay, so that it applies entirely or not at all.
+-- one transaction for a whole replay, so that it applies entirely or not at all. The wake-up
+-- has the publishes' payload (see wake_payload): consumers start the messages at once, not at
+-- their next safety-net poll.
 WITH picked AS (
     SELECT id
     FROM {schema}.dead_letters
@@ -375,7 +377,8 @@ WITH picked AS (
 )
 SELECT (SELECT count(*) FROM requeued),
        (SELECT max(id) FROM marked),
-       (SELECT count(pg_notify(%(channel)s, queue)) FROM (SELECT DISTINCT queue FROM requeued) AS q)
+       (SELECT count(pg_notify(%(channel)s, {schema}.wake_payload(now()) || queue))
+        FROM (SELECT DISTINCT queue FROM requeued) AS q)
 
 -- name: dlq_purge
 DELETE FROM {schema}.dead_letters
