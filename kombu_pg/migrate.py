@@ -8,6 +8,8 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from .queries import schema_sql
+
 logger = logging.getLogger(__name__)
 
 _FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
@@ -56,7 +58,7 @@ def migrate(conn: psycopg.Connection, schema: str) -> list[int]:
             # the simple query protocol, which accepts them in one call.
             conn.execute(sql.SQL(path.read_text()).format(schema=ident))
             conn.execute(sql.SQL("INSERT INTO {}.schema_migrations (version, name) VALUES (%s, %s)")
-                         .format(ident), (version, name))
+                         .format(schema_sql(schema)), (version, name))
             logger.info("kombu_pg: applied migration %04d_%s to schema %s", version, name, schema)
             applied.append(version)
     return applied

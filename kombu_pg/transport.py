@@ -38,6 +38,9 @@ MAX_ATTEMPTS_HEADER = "x-kombu-pg-max-attempts"
 #: the same key is dropped, or, with the mode header set to "replace", replaces the waiting one.
 UNIQUE_KEY_HEADER = "x-kombu-pg-unique-key"
 UNIQUE_MODE_HEADER = "x-kombu-pg-unique-mode"
+#: Wake-ups name the queue in a NOTIFY payload, "<ms until visible> <queue>", which PostgreSQL
+#: limits to fewer than 8000 bytes; the delay takes up to 20 (a bigint and the space).
+MAX_QUEUE_NAME_BYTES = 8000 - 1 - 20
 
 
 def parse_tag(delivery_tag: str) -> tuple[int, str | None]:
@@ -289,6 +292,7 @@ class Channel(virtual.Channel):
         return to_rabbitmq_queue_arguments(arguments, **kwargs)
 
     def _new_queue(self, queue, durable=True, auto_delete=False, arguments=None, **kwargs):
+        _check_queue_name(queue)
         arguments = arguments or {}
         overrides = self.options.queue_options.get(queue, {})
         self.db.run(self.db.q.declare_queue, {
@@ -525,7 +529,7 @@ class Transport(virtual.Transport):
                 return
             queues_gone = conn.execute(q.sweep_expired_queues, {
                 "auto_delete_expires_s": self.options.auto_delete_expires}).rowcount
-            expired = conn.execute(q.sweep_expired_messages).rowcount
+            expired = conn.execute(q.sweep_expired_messages, {}).rowcount
         self.db.reap()
         if queues_gone or expired:
             logger.info("kombu_pg: sweep removed %d message(s) of expired queues and %d expired "
@@ -758,6 +762,16 @@ class Transport(virtual.Transport):
             if deadline is not None:
                 wait = min(wait, deadline - now)
             self._read_notifications(wait)
+
+
+def _check_queue_name(queue: str) -> None:
+    """Refuse at declare a name no publish to it could carry in its wake-up."""
+    size = len(queue.encode())
+    if size > MAX_QUEUE_NAME_BYTES:
+        raise config.ConfigurationError(
+            f"queue name {queue[:40]!r}... is {size} bytes long: the PostgreSQL transport allows at "
+            f"most {MAX_QUEUE_NAME_BYTES} bytes (its wake-ups carry the name in a NOTIFY payload); "
+            "use a shorter queue name")
 
 
 def hash_key(text: str) -> int:
