@@ -39,6 +39,7 @@ def install(app) -> dict:
     if not uses_pg_broker(app):
         return {}
     Transport.in_progress = inflight.probe
+    Transport.on_tasks_expired = _revoke_expired
     inflight.install()
     consumer.install()
     signals.worker_init.connect(_announce, weak=False, dispatch_uid="kombu_pg.announce")
@@ -81,6 +82,16 @@ def _publish_headers(sender=None, headers=None, body=None, **kwargs):
             args, kwargs = (body[0], body[1]) if isinstance(body, (tuple, list)) else ((), {})
             unique_key = unique_key(args, kwargs)
         headers[UNIQUE_KEY_HEADER] = str(unique_key)
+
+
+def _revoke_expired(task_ids) -> None:
+    """Tasks the sweeper dead-lettered because they expired unclaimed: REVOKED (reason
+    'expired'), as a worker receiving them would have marked them."""
+    from celery import current_app  # the worker's app, in the worker
+
+    if getattr(current_app, "_kombu_pg_installed", False):
+        for task_id in task_ids:
+            current_app.backend.mark_as_revoked(task_id, "expired")
 
 
 def _explicitly_set(app, key: str) -> bool:

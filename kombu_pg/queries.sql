@@ -71,12 +71,15 @@ FROM ins
 -- name: claim
 -- Lease up to `limit` deliverable messages. SKIP LOCKED lets concurrent consumers take disjoint
 -- rows without waiting; rows whose lease expired are deliverable again (visible_at passed).
+-- Past its TTL a plain message is not delivered (Kombu's TTL), but a Celery task (a row with a
+-- task id) is, with how long ago it expired: the worker then marks it REVOKED, as Celery does
+-- on other brokers, instead of it vanishing with its result waited for forever.
 WITH {no_flush_wait}, c AS (
     SELECT id
     FROM {schema}.messages
     WHERE queue = %(queue)s
       AND visible_at <= now()
-      AND (expires_at IS NULL OR expires_at > now())
+      AND (expires_at IS NULL OR expires_at > now() OR task_id IS NOT NULL)
       -- An expired lease that used up its deliveries is the reaper's, for the dead letters.
       AND (lease_token IS NULL OR delivery_count < coalesce(max_attempts, %(max_attempts)s))
     ORDER BY priority DESC, visible_at, id
@@ -89,7 +92,8 @@ SET lease_token = gen_random_uuid(),
     delivery_count = m.delivery_count + 1
 FROM c, no_flush_wait
 WHERE m.id = c.id
-RETURNING m.id, m.lease_token, m.delivery_count, m.priority, m.payload, m.released
+RETURNING m.id, m.lease_token, m.delivery_count, m.priority, m.payload, m.released,
+          CASE WHEN m.expires_at <= now() THEN extract(epoch FROM now() - m.expires_at) END
 
 -- name: ack
 -- Guarded by the token: a lease that expired and went to another consumer is not ours to delete.
@@ -122,8 +126,10 @@ RETURNING m.id
 
 -- name: size
 -- Ready messages only, like AMQP's message_count (leased and delayed ones are not counted).
+-- Expired tasks are ready: the claim delivers them (to be revoked).
 SELECT count(*) FROM {schema}.messages
-WHERE queue = %(queue)s AND visible_at <= now() AND (expires_at IS NULL OR expires_at > now())
+WHERE queue = %(queue)s AND visible_at <= now()
+  AND (expires_at IS NULL OR expires_at > now() OR task_id IS NOT NULL)
 
 -- name: purge
 -- Ready messages only: leased messages belong to a consumer, delayed (ETA) ones are not due yet.
@@ -202,7 +208,41 @@ WITH gone AS (
 DELETE FROM {schema}.messages WHERE queue IN (SELECT name FROM gone)
 
 -- name: sweep_expired_messages
-DELETE FROM {schema}.messages WHERE expires_at <= now()
+-- Plain messages past their TTL are dropped, as Kombu's TTL means. Celery tasks are not (see
+-- claim and sweep_expired_tasks).
+DELETE FROM {schema}.messages WHERE expires_at <= now() AND task_id IS NULL
+
+-- name: sweep_expired_tasks
+-- A Celery task past its TTL is delivered by claims, and the worker marks it REVOKED. One that
+-- no consumer takes within `grace_s` seconds of expiring (and of becoming visible: an ETA
+-- later than its expiry, a retry backoff, a lease) waits in a queue nobody consumes: rather
+-- than stay there forever unnoticed, it goes to the dead letters with reason 'expired'; the
+-- caller marks the returned task ids REVOKED. Rows held by a claim right now are skipped.
+WITH stale AS (
+    SELECT id
+    FROM {schema}.messages
+    WHERE task_id IS NOT NULL
+      AND expires_at <= now() - %(grace_s)s * interval '1 second'
+      AND visible_at <= now() - %(grace_s)s * interval '1 second'
+    ORDER BY expires_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), dead AS (
+    DELETE FROM {schema}.messages d
+    USING stale s
+    WHERE d.id = s.id
+    RETURNING d.*
+)
+INSERT INTO {schema}.dead_letters (message_id, queue, priority, task_id, task_name, reason,
+                                   attempts, max_attempts, errors, payload, enqueued_at)
+SELECT id, queue, priority, task_id, task_name, 'expired', delivery_count, max_attempts,
+       errors || jsonb_build_array(jsonb_build_object(
+           'at', now(), 'worker', null, 'type', 'Expired', 'traceback', null,
+           'message', 'the task expired and no consumer took it within '
+                      || %(grace_s)s || ' s: it was never run')),
+       payload, created_at
+FROM dead
+RETURNING message_id, queue, task_id
 
 -- name: claim_no_ack
 -- For consumers that do not acknowledge (remote-control and event receivers): taking the message
@@ -220,7 +260,7 @@ WITH c AS (
 DELETE FROM {schema}.messages m
 USING c
 WHERE m.id = c.id
-RETURNING m.id, NULL::uuid, m.delivery_count + 1, m.priority, m.payload, m.released
+RETURNING m.id, NULL::uuid, m.delivery_count + 1, m.priority, m.payload, m.released, NULL::numeric
 
 -- name: fail
 -- A processing attempt failed (the task raised, or the consumer requeued it): decided here from

@@ -58,6 +58,15 @@ def _load_envelope(payload: str) -> dict:
     return loads(payload) if '"__type__"' in payload else json.loads(payload)
 
 
+def _mark_expired(message: dict, expired_for: float) -> None:
+    """A Celery task the database found expired ``expired_for`` seconds ago. Celery's worker
+    marks a task REVOKED when its ``expires`` header has passed by the worker's own clock: the
+    header says when, in that clock, so that a clock behind the database's cannot make it run.
+    (A task expired by the queue's x-message-ttl gets the header it lacked.)"""
+    expired_at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=expired_for)
+    message.setdefault("headers", {})["expires"] = expired_at.isoformat()
+
+
 def _parse_eta(value) -> dt.datetime | None:
     if not value:
         return None
@@ -203,17 +212,21 @@ class Channel(virtual.Channel):
 
     def claimed(self, queue: str, rows: list[tuple]) -> list[dict]:
         """Messages from the claim's rows (libpq text: id, token, delivery count, priority,
-        payload, released)."""
-        rows = [(int(id_), token, int(count), int(priority), payload, released == "t")
-                for id_, token, count, priority, payload, released in rows]
+        payload, released, seconds since it expired)."""
+        rows = [(int(id_), token, int(count), int(priority), payload, released == "t",
+                 None if expired_for is None else float(expired_for))
+                for id_, token, count, priority, payload, released, expired_for in rows]
         rows.sort(key=lambda row: (-row[3], row[0]))  # RETURNING has no order
         if rows:
             counters.add("delivered", queue, len(rows))
         return [self._to_payload(queue, *row) for row in rows]
 
-    def _to_payload(self, queue, message_id, token, delivery_count, priority, payload, released) -> dict:
+    def _to_payload(self, queue, message_id, token, delivery_count, priority, payload, released,
+                    expired_for) -> dict:
         message = _load_envelope(payload)
         props = message["properties"]
+        if expired_for is not None:
+            _mark_expired(message, expired_for)
         props["delivery_tag"] = f"{message_id}:{token or '-'}"
         info = props.setdefault("delivery_info", {})
         info["redelivered"] = delivery_count > 1 or released
@@ -395,6 +408,9 @@ class Transport(virtual.Transport):
     #: Set by the Celery integration: ``in_progress(message)`` tells whether the consumer will still
     #: process (and ack) a delivered message, so that closing a lost connection keeps its lease.
     in_progress = None
+    #: Set by the Celery integration: ``on_tasks_expired(task_ids)`` records tasks the sweeper
+    #: moved to the dead letters because they expired with no consumer taking them.
+    on_tasks_expired = None
 
     def __init__(self, client, **kwargs):
         self.options = config.Options.from_transport_options(client.transport_options)
@@ -522,7 +538,8 @@ class Transport(virtual.Transport):
             self.sweep()
 
     def sweep(self) -> None:
-        """Drop expired queues (x-expires) and messages (TTL); one sweeper at a time."""
+        """Drop expired queues (x-expires) and messages (TTL), dead-letter expired tasks nobody
+        took; one sweeper at a time."""
         q = self.db.q
         with self.db.pool.connection() as conn, conn.transaction():
             if not conn.execute(q.sweep_try_lock, {"lock_key": hash_key(self.options.schema)}).fetchone()[0]:
@@ -530,10 +547,26 @@ class Transport(virtual.Transport):
             queues_gone = conn.execute(q.sweep_expired_queues, {
                 "auto_delete_expires_s": self.options.auto_delete_expires}).rowcount
             expired = conn.execute(q.sweep_expired_messages, {}).rowcount
+            buried = conn.execute(q.sweep_expired_tasks, {
+                "grace_s": self.options.expired_task_grace, "limit": 1000}).fetchall()
         self.db.reap()
         if queues_gone or expired:
             logger.info("kombu_pg: sweep removed %d message(s) of expired queues and %d expired "
                         "message(s)", queues_gone, expired)
+        if buried:
+            self._expired_unclaimed(buried)
+
+    def _expired_unclaimed(self, buried: list[tuple]) -> None:
+        for message_id, queue, task_id in buried:
+            counters.add("dead_lettered", queue)
+            logger.warning("kombu_pg: task %s (message %s) of queue %r expired and no consumer took it "
+                           "within %g s: dead-lettered (expired)", task_id, message_id, queue,
+                           self.options.expired_task_grace)
+        if Transport.on_tasks_expired is not None:
+            try:
+                Transport.on_tasks_expired([task_id for _, _, task_id in buried])
+            except Exception as exc:  # the dead letters are written; only their state is not
+                logger.error("kombu_pg: could not mark %d expired task(s) REVOKED: %s", len(buried), exc)
 
     def deliver_ready(self, one: bool = False) -> int:
         """Claim and deliver messages of the queues marked ready, within prefetch limits.
