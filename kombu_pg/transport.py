@@ -38,6 +38,12 @@ MAX_ATTEMPTS_HEADER = "x-kombu-pg-max-attempts"
 #: the same key is dropped, or, with the mode header set to "replace", replaces the waiting one.
 UNIQUE_KEY_HEADER = "x-kombu-pg-unique-key"
 UNIQUE_MODE_HEADER = "x-kombu-pg-unique-mode"
+#: A worker whose Celery integration is not installed (``kombu_pg.pth`` not processed: the
+#: package is not in this interpreter's site-packages, or Python runs with -S).
+NO_INTEGRATION = ("kombu-pg: the broker is PostgreSQL but the Celery integration is not installed in "
+                  "this worker: tasks run without lease renewal, server-side retries or dead letters. "
+                  "It installs itself at interpreter start through kombu_pg.pth: install kombu-pg "
+                  "into this Python's site-packages")
 #: Wake-ups name the queue in a NOTIFY payload, "<ms until visible> <queue>", which PostgreSQL
 #: limits to fewer than 8000 bytes; the delay takes up to 20 (a bigint and the space).
 MAX_QUEUE_NAME_BYTES = 8000 - 1 - 20
@@ -724,6 +730,8 @@ class Transport(virtual.Transport):
         self._deliver_from_hub()
 
     def register_with_event_loop(self, connection, loop):
+        if Transport.in_progress is None:  # only Celery workers run an event loop
+            logger.warning(NO_INTEGRATION)
         self._hub = loop
         # The hub blocks in poll() until a socket is readable or a timer is due; this pair lets
         # the transport ask for another round when it still has messages to claim.
