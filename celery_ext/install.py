@@ -1,8 +1,10 @@
 """What the integration does to a Celery app whose broker is this transport."""
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
+import weakref
 
 from celery import bootsteps, signals
 
@@ -55,7 +57,7 @@ def ensure(app) -> None:
 
 def install(app) -> None:
     Transport.in_progress = inflight.probe
-    Transport.on_tasks_expired = _revoke_expired
+    Transport.on_tasks_expired = functools.partial(_revoke_expired, weakref.ref(app))
     inflight.install()
     consumer.install()
     signals.before_task_publish.connect(_publish_headers, weak=False, dispatch_uid="kombu_pg.publish")
@@ -103,14 +105,14 @@ def _publish_headers(sender=None, headers=None, body=None, **kwargs):
         headers[UNIQUE_KEY_HEADER] = str(unique_key)
 
 
-def _revoke_expired(task_ids) -> None:
+def _revoke_expired(app_ref, task_ids) -> None:
     """Tasks the sweeper dead-lettered because they expired unclaimed: REVOKED (reason
-    'expired'), as a worker receiving them would have marked them."""
-    from celery import current_app  # the worker's app, in the worker
-
-    if getattr(current_app, "_kombu_pg_installed", False):
+    'expired') in the result backend of the app installed last (a worker's own app), as a
+    worker receiving them would have marked them."""
+    app = app_ref()
+    if app is not None:
         for task_id in task_ids:
-            current_app.backend.mark_as_revoked(task_id, "expired")
+            app.backend.mark_as_revoked(task_id, "expired")
 
 
 def _explicitly_set(app, key: str) -> bool:

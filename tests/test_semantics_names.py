@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import kombu
 import pytest
 from kombu import Queue
 
@@ -16,7 +15,7 @@ MAX_QUEUE_BYTES = 7979
 
 @pytest.fixture
 def percent_schema(env):
-    """A broker schema whose name holds a % (psycopg and libpq placeholders start with one)."""
+    """A broker schema whose name holds a % (placeholders, psycopg's and the prepared path's, start with one)."""
     schema = unique("t_50%_off_")
     yield schema
     _close_transport_pools(schema)
