@@ -105,7 +105,8 @@ def write_app(tmp_path, env, way: str) -> str:
                            configure=textwrap.dedent(WAYS[way]).strip())
     (tmp_path / f"{name}.py").write_text(source)
     if way == "config_module":
-        (tmp_path / f"{name}_config.py").write_text(f"broker_url = {env.url!r}\nbroker_transport_options = {options!r}\n")
+        (tmp_path / f"{name}_config.py").write_text(
+            f"broker_url = {env.url!r}\nbroker_transport_options = {options!r}\n")
     if way == "django":
         (tmp_path / f"{name}_settings.py").write_text(
             f"SECRET_KEY = 'test'\nINSTALLED_APPS = []\nUSE_TZ = True\n"

@@ -22,7 +22,8 @@ app.conf.task_queues = [Queue("celery", message_ttl=1.0)]
 def test_task_expired_while_waiting_is_revoked_by_the_worker(make_app, procs, env, how):
     # One process, one message at a time (prefetch 1, late acks): the second task waits in the
     # table, not in the worker's memory, while the first one sleeps.
-    app = make_app(conf={"worker_prefetch_multiplier": 1}, extra_source=QUEUE_TTL if how == "queue_ttl" else "")
+    app = make_app(conf={"worker_prefetch_multiplier": 1},
+                   extra_source=QUEUE_TTL if how == "queue_ttl" else "")
     worker = procs.worker(app, pool="prefork", concurrency=1)
     busy = app.sleepy.delay("busy", 4)
     env.wait_runs(1, "busy", timeout=30)

@@ -15,7 +15,7 @@ MAX_QUEUE_BYTES = 7979
 
 @pytest.fixture
 def percent_schema(env):
-    """A broker schema whose name holds a % (placeholders, psycopg's and the prepared path's, start with one)."""
+    """A broker schema whose name holds a %, with which placeholders start in statement texts."""
     schema = unique("t_50%_off_")
     yield schema
     _close_transport_pools(schema)
