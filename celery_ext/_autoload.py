@@ -2,10 +2,18 @@
 
 Imported at interpreter start by ``kombu_pg.pth``; costs nothing until Celery is imported. Once
 ``celery._state`` executes, we wrap its ``_register_app`` (called by every ``Celery()``) so that
-each new app gets our settings as a *defaults* layer: evaluated lazily when the app reads its
-configuration, before any task is bound to it, and overridden by anything the user configured.
+each new app is checked once its configuration is complete: when it is first read, after every
+layer is in (constructor arguments, ``conf``, ``config_from_object``, ``add_defaults``, Django
+settings), and again when it is reloaded. Two later checks catch a broker URL set after that:
+when the app is finalized (before its tasks read their settings), and when a worker starts.
 """
+import logging
+
 from kombu_pg._autoload import after_import
+
+logger = logging.getLogger("kombu_pg")
+
+_worker_hook_connected = False
 
 
 def _on_celery_state(state_module) -> None:
@@ -13,15 +21,50 @@ def _on_celery_state(state_module) -> None:
 
     def _register_app(app):
         register_app(app)
-        app.add_defaults(lambda: _defaults_for(app))
+        _connect_worker_hook()
+        app.on_after_configure.connect(_on_configured, weak=False)
+        if app.configured:  # read before it was registered (a fix-up, a subclass)
+            _check(app)
 
     state_module._register_app = _register_app
+    state_module.connect_on_app_finalize(_check)
 
 
-def _defaults_for(app) -> dict:
-    from .install import install  # Celery is loaded by now: import the real thing
+def _on_configured(sender=None, **kwargs) -> None:
+    _check(sender)
 
-    return install(app)
+
+def _check(app) -> None:
+    """Install the integration if ``app``'s broker is PostgreSQL. Never breaks the app: an error
+    is kept for the worker to report."""
+    try:
+        from .install import ensure  # Celery is loaded by now: import the real thing
+
+        ensure(app)
+        app._kombu_pg_error = None
+    except Exception as exc:
+        app._kombu_pg_error = exc
+        logger.warning("kombu-pg: could not check or install the PostgreSQL broker integration: %r", exc)
+
+
+def _connect_worker_hook() -> None:
+    global _worker_hook_connected
+    if not _worker_hook_connected:
+        from celery import signals
+
+        signals.worker_init.connect(_on_worker_init, weak=False, dispatch_uid="kombu_pg.worker_init")
+        _worker_hook_connected = True
+
+
+def _on_worker_init(sender=None, **kwargs) -> None:
+    app = getattr(sender, "app", None)
+    if app is None:
+        return
+    _check(app)  # the broker URL may have been set after the app was configured and finalized
+    error = getattr(app, "_kombu_pg_error", None)
+    if error is not None and not getattr(app, "_kombu_pg_installed", False):
+        logger.warning("kombu-pg: the PostgreSQL broker integration could not be installed (%r): "
+                       "tasks run without lease renewal, server-side retries or dead letters", error)
 
 
 def censor_urls(utils_module) -> None:

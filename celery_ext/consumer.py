@@ -18,6 +18,8 @@ from kombu_pg.config import ConfigurationError
 from kombu_pg.database import error_entry
 from kombu_pg.transport import Channel, parse_tag
 
+from . import retries
+
 logger = logging.getLogger("kombu_pg")
 
 
@@ -112,10 +114,25 @@ def _exit_on_configuration_error(connect):
     return wrapper
 
 
+def _wrapping_new_tasks(method):
+    """Tasks defined after the app was finalized (``@app.task`` in a test, then the worker's
+    ``reload()``) get server-side retries too: the consumer reads its tasks here, at start and
+    on reload."""
+    def update_strategies(self):
+        if getattr(self.app, "_kombu_pg_installed", False):
+            for task in list(self.app.tasks.values()):
+                retries.wrap(task)
+        return method(self)
+
+    update_strategies._kombu_pg = True
+    return update_strategies
+
+
 def install() -> None:
     if getattr(Consumer.on_decode_error, "_kombu_pg", False):
         return
     Consumer.connect = _exit_on_configuration_error(Consumer.connect)
+    Consumer.update_strategies = _wrapping_new_tasks(Consumer.update_strategies)
     Consumer.on_decode_error = _before(Consumer.on_decode_error, "undecodable")
     Consumer.on_unknown_task = _before(Consumer.on_unknown_task, "unregistered")
     Consumer.on_unknown_message = _before(Consumer.on_unknown_message, "unknown_message")

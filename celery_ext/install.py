@@ -1,10 +1,12 @@
 """What the integration does to a Celery app whose broker is this transport."""
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
+import weakref
 
-from celery import signals
+from celery import bootsteps, signals
 
 from kombu_pg.config import SCHEMES
 from kombu_pg.transport import MAX_ATTEMPTS_HEADER, UNIQUE_KEY_HEADER, Transport
@@ -34,21 +36,41 @@ def uses_pg_broker(app) -> bool:
     return scheme in SCHEMES
 
 
-def install(app) -> dict:
-    """Returns the defaults for ``app``: ours if its broker is this transport, else none."""
+def ensure(app) -> None:
+    """Install the integration into ``app`` if its broker is this transport; idempotent.
+
+    Called once the app's configuration is complete (see _autoload), so every way of giving the
+    broker URL counts. Our settings go in as a defaults layer holding only keys the user set
+    nowhere (conf, a config module, add_defaults, ...): theirs win, now and if set later. A
+    reloaded configuration (config_from_object after the first read) has lost the layer: it
+    is added again.
+    """
     if not uses_pg_broker(app):
-        return {}
+        return
+    if not getattr(app, "_kombu_pg_installed", False):
+        install(app)
+    layer = getattr(app, "_kombu_pg_defaults", None)
+    if layer is None or not any(existing is layer for existing in app.conf.maps):
+        app._kombu_pg_defaults = layer = _defaults(app)
+        app.conf.add_defaults(layer)
+
+
+def install(app) -> None:
     Transport.in_progress = inflight.probe
+    Transport.on_tasks_expired = functools.partial(_revoke_expired, weakref.ref(app))
     inflight.install()
     consumer.install()
-    signals.worker_init.connect(_announce, weak=False, dispatch_uid="kombu_pg.announce")
     signals.before_task_publish.connect(_publish_headers, weak=False, dispatch_uid="kombu_pg.publish")
     app.on_after_finalize.connect(_wrap_tasks, weak=False, dispatch_uid="kombu_pg.wrap")
     app.steps["worker"].add(metrics.WorkerMetrics)  # /metrics, when a port is configured
     app.steps["consumer"].add(secrets.BrokerInfo)  # celery inspect stats, without passwords
+    app.steps["worker"].add(Announce)
     app._kombu_pg_installed = True
-    # Added as a defaults layer in front of Celery's own, so keys the user set anywhere (conf,
-    # a config module) are left alone, now and if they change later.
+    if app.finalized:  # a broker URL set after the tasks were bound
+        _wrap_tasks(app)
+
+
+def _defaults(app) -> dict:
     defaults = {key: value for key, value in DEFAULTS.items() if not _explicitly_set(app, key)}
     if not _explicitly_set(app, "task_acks_on_failure_or_timeout"):
         defaults.update((key, value) for key, value in FAILURE_DEFAULTS.items()
@@ -84,14 +106,26 @@ def _publish_headers(sender=None, headers=None, body=None, **kwargs):
         headers[UNIQUE_KEY_HEADER] = str(unique_key)
 
 
+def _revoke_expired(app_ref, task_ids) -> None:
+    """Tasks the sweeper dead-lettered because they expired unclaimed: REVOKED (reason
+    'expired') in the result backend of the app installed last (a worker's own app), as a
+    worker receiving them would have marked them."""
+    app = app_ref()
+    if app is not None:
+        for task_id in task_ids:
+            app.backend.mark_as_revoked(task_id, "expired")
+
+
 def _explicitly_set(app, key: str) -> bool:
     # conf is a chain of maps whose last one holds Celery's defaults.
     return any(key in layer for layer in app.conf.maps[:-1])
 
 
-def _announce(sender=None, **kwargs):
-    app = getattr(sender, "app", None)
-    if app is None or not getattr(app, "_kombu_pg_installed", False):
-        return
-    settings = ", ".join(f"{key}={app.conf[key]}" for key in DEFAULTS)
-    logger.warning("kombu-pg: PostgreSQL broker integration active: %s", settings)
+class Announce(bootsteps.StartStopStep):
+    """One line in the worker's log, once its logging is set up: the integration is active."""
+
+    label = "kombu-pg announce"
+
+    def start(self, worker):
+        settings = ", ".join(f"{key}={worker.app.conf[key]}" for key in DEFAULTS)
+        logger.info("kombu-pg: PostgreSQL broker integration active: %s", settings)

@@ -144,8 +144,8 @@ class Admin:
     def stats(self) -> dict:
         """Per queue: ready, delayed, leased, oldest ready age; dead letters by queue and reason."""
         with self.connect() as conn:
-            queues = conn.execute(self.q.stats_queues).fetchall()
-            dead = conn.execute(self.q.stats_dead_letters).fetchall()
+            queues = conn.execute(self.q.stats_queues, {}).fetchall()
+            dead = conn.execute(self.q.stats_dead_letters, {}).fetchall()
         return {
             "queues": [{"queue": name, "ready": ready, "delayed": delayed, "leased": leased,
                         "oldest_ready_age_s": float(age) if age is not None else None}

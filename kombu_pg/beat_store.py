@@ -18,6 +18,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from . import config
+from .queries import schema_sql
 
 SOURCES = ("config", "cli")
 #: Five crontab fields: minute hour day-of-month month day-of-week.
@@ -129,7 +130,7 @@ _ENTRY_COLUMNS = ("name, task, source, every, crontab, from_config, schedule_tex
 class BeatStore:
     def __init__(self, schema: str = config.Options.schema):
         self.schema = schema
-        s = sql.Identifier(schema)
+        s = schema_sql(schema)  # every statement below is executed with parameters (maybe {})
 
         def q(text: str) -> sql.Composed:
             return sql.SQL(text).format(s=s, columns=sql.SQL(_ENTRY_COLUMNS))
@@ -221,14 +222,14 @@ class BeatStore:
         return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]
 
     def entries(self, conn: psycopg.Connection) -> list[EntryRow]:
-        return [EntryRow(*row) for row in conn.execute(self._entries).fetchall()]
+        return [EntryRow(*row) for row in conn.execute(self._entries, {}).fetchall()]
 
     def entry(self, conn: psycopg.Connection, name: str) -> EntryRow | None:
         row = conn.execute(self._entry, {"name": name}).fetchone()
         return EntryRow(*row) if row else None
 
     def leader(self, conn: psycopg.Connection) -> LeaderRow:
-        return LeaderRow(*conn.execute(self._leader).fetchone())
+        return LeaderRow(*conn.execute(self._leader, {}).fetchone())
 
     def ticks(self, conn: psycopg.Connection, name: str | None = None, limit: int = 50) -> list[dict]:
         cur = conn.cursor(row_factory=dict_row)
@@ -248,7 +249,7 @@ class BeatStore:
                 outcome = "replaced"
             else:
                 return "exists"
-            conn.execute(self._bump)
+            conn.execute(self._bump, {})
         return outcome
 
     def set_paused(self, conn: psycopg.Connection, name: str, paused: bool) -> bool:
@@ -256,7 +257,7 @@ class BeatStore:
         with conn.transaction():
             if not conn.execute(self._set_paused, {"name": name, "paused": paused}).rowcount:
                 return False
-            conn.execute(self._bump)
+            conn.execute(self._bump, {})
         return True
 
     def remove(self, conn: psycopg.Connection, name: str) -> str | None:
@@ -265,7 +266,7 @@ class BeatStore:
             row = conn.execute(self._delete, {"name": name}).fetchone()
             if row is None:
                 return None
-            conn.execute(self._bump)
+            conn.execute(self._bump, {})
         return row[0]
 
     def sync_config(self, conn: psycopg.Connection, entries: list[EntryDef]) -> dict[str, list[str]]:
@@ -282,7 +283,7 @@ class BeatStore:
             removed = [r[0] for r in conn.execute(
                 self._delete_stale_config, {"names": [e.name for e in entries]}).fetchall()]
             if added or updated or removed:
-                conn.execute(self._bump)
+                conn.execute(self._bump, {})
         return {"added": added, "updated": updated, "removed": removed}
 
     # -- leadership and ticks (the scheduler) ---------------------------------------------------

@@ -55,6 +55,9 @@ class Options:
     auto_delete_expires: float = 60.0
     #: Seconds between sweeps of expired queues and messages (one sweeper at a time).
     sweep_interval: float = 5.0
+    #: Seconds a Celery task past its ``expires`` may wait for a consumer, which marks it
+    #: REVOKED; then the sweeper moves it to the dead letters (reason ``expired``).
+    expired_task_grace: float = 60.0
     #: Seconds to wait for a connection (pool checkout and connect).
     connect_timeout: float = 10.0
     #: Seconds a statement may take. The server cancels it after this; a server that stops

@@ -56,9 +56,9 @@ def migrate(conn: psycopg.Connection, schema: str,
     try:
         with conn.transaction():
             _lock(conn, schema, lock_timeout)
-            conn.execute(q.create_schema)
-            conn.execute(q.create_migrations_table)
-            done = {row[0] for row in conn.execute(q.applied_migrations)}
+            conn.execute(q.create_schema, {})  # {}: psycopg then reads the %% of a schema name back
+            conn.execute(q.create_migrations_table, {})
+            done = {row[0] for row in conn.execute(q.applied_migrations, {})}
             for version, name, path in available():
                 if version in done:
                     continue
@@ -106,7 +106,7 @@ def pending(conn: psycopg.Connection, schema: str) -> list[int]:
     try:
         done = set()
         if conn.execute(q.migrations_table_exists, {"schema": schema}).fetchone()[0]:
-            done = {row[0] for row in conn.execute(q.applied_migrations)}
+            done = {row[0] for row in conn.execute(q.applied_migrations, {})}
     except psycopg.errors.InsufficientPrivilege as exc:
         raise MigrationError(
             f"role {conn.info.user!r} may not read schema {schema!r} ({_one_line(exc)}): grant it "

@@ -20,7 +20,8 @@ from psycopg import errors, generators, pq
 
 from .deadline import watchdog
 
-_PLACEHOLDER = re.compile(r"%\((\w+)\)s")
+# psycopg's placeholder syntax: %(name)s, and %% for a literal % (in a schema name).
+_PLACEHOLDER = re.compile(r"%%|%\((\w+)\)s")
 
 
 class PreparedStatement:
@@ -29,6 +30,8 @@ class PreparedStatement:
         self.params: list[str] = []  # the %(name)s placeholders, in $n order
 
         def number(match):
+            if match.group(1) is None:
+                return "%"
             if match.group(1) not in self.params:
                 self.params.append(match.group(1))
             return f"${self.params.index(match.group(1)) + 1}"

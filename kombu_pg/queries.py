@@ -28,13 +28,23 @@ class Queries:
     def __init__(self, schema: str):
         self.schema = schema
         # Fragments (blocks named fragment_*) are spliced into the statements that name them.
-        values = {"schema": sql.Identifier(schema)}
+        values = {"schema": schema_sql(schema)}
         values.update((name.removeprefix("fragment_"), sql.SQL(_code(template)))
                       for name, template in _TEMPLATES.items() if name.startswith("fragment_"))
         for name, template in _TEMPLATES.items():
             if not name.startswith("fragment_"):
                 # Only names go through format(); values stay %(name)s placeholders.
                 setattr(self, name, sql.SQL(_code(template)).format(**values).as_string(None))
+
+
+def schema_sql(schema: str) -> sql.SQL:
+    """The quoted schema name, for statements executed with parameters.
+
+    psycopg and prepared.py read ``%`` as the start of a placeholder, in names too: a ``%`` in
+    the name is doubled, which both read back as one. Such a statement must always be executed
+    with a parameter mapping (an empty one if it has no placeholders), or the ``%%`` stays.
+    """
+    return sql.SQL(sql.Identifier(schema).as_string(None).replace("%", "%%"))
 
 
 def _code(template: str) -> str:

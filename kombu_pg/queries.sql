@@ -85,13 +85,16 @@ FROM ins
 -- expired are deliverable again. The index gives ready rows in delivery order; rows leased now
 -- are skipped by the filter, so a claim costs more with the number of messages being worked on,
 -- not with how many went through the table. Only unindexed columns change: a HOT update.
+-- Past its TTL a plain message is not delivered (Kombu's TTL), but a Celery task (a row with a
+-- task id) is, with how long ago it expired: the worker then marks it REVOKED, as Celery does
+-- on other brokers, instead of it vanishing with its result waited for forever.
 WITH {lease_commit}, c AS (
     SELECT id
     FROM {schema}.messages
     WHERE queue = %(queue)s
       AND visible_at <= now()
       AND {unleased}
-      AND (expires_at IS NULL OR expires_at > now())
+      AND (expires_at IS NULL OR expires_at > now() OR task_id IS NOT NULL)
       -- An expired lease that used up its deliveries is the reaper's, for the dead letters.
       AND (lease_token IS NULL OR delivery_count < coalesce(max_attempts, %(max_attempts)s))
       -- Never our own: a lease of this process that expired during an outage (a frozen or
@@ -107,7 +110,8 @@ SET lease_token = gen_random_uuid(),
     delivery_count = m.delivery_count + 1
 FROM c, lease_commit
 WHERE m.id = c.id
-RETURNING m.id, m.lease_token, m.delivery_count, m.priority, m.payload, m.released
+RETURNING m.id, m.lease_token, m.delivery_count, m.priority, m.payload, m.released,
+          CASE WHEN m.expires_at <= now() THEN extract(epoch FROM now() - m.expires_at) END
 
 -- name: ack
 -- Guarded by the token: a lease that expired and went to another consumer is not ours to delete.
@@ -140,8 +144,10 @@ RETURNING m.id
 
 -- name: size
 -- Ready messages only, like AMQP's message_count (leased and delayed ones are not counted).
+-- Expired tasks are ready: the claim delivers them (to be revoked).
 SELECT count(*) FROM {schema}.messages
-WHERE queue = %(queue)s AND visible_at <= now() AND {unleased} AND (expires_at IS NULL OR expires_at > now())
+WHERE queue = %(queue)s AND visible_at <= now() AND {unleased}
+  AND (expires_at IS NULL OR expires_at > now() OR task_id IS NOT NULL)
 
 -- name: purge
 -- Ready messages only: leased messages belong to a consumer, delayed (ETA) ones are not due yet.
@@ -220,7 +226,43 @@ WITH gone AS (
 DELETE FROM {schema}.messages WHERE queue IN (SELECT name FROM gone)
 
 -- name: sweep_expired_messages
-DELETE FROM {schema}.messages WHERE expires_at <= now()
+-- Plain messages past their TTL are dropped, as Kombu's TTL means. Celery tasks are not (see
+-- claim and sweep_expired_tasks).
+DELETE FROM {schema}.messages WHERE expires_at <= now() AND task_id IS NULL
+
+-- name: sweep_expired_tasks
+-- A Celery task past its TTL is delivered by claims, and the worker marks it REVOKED. One that
+-- no consumer takes within `grace_s` seconds of expiring (and of becoming visible: an ETA
+-- later than its expiry, a retry backoff, a lease) waits in a queue nobody consumes: rather
+-- than stay there forever unnoticed, it goes to the dead letters with reason 'expired'; the
+-- caller marks the returned task ids REVOKED. Rows held by a claim right now are skipped.
+WITH stale AS (
+    SELECT id
+    FROM {schema}.messages
+    WHERE task_id IS NOT NULL
+      AND expires_at <= now() - %(grace_s)s * interval '1 second'
+      AND visible_at <= now() - %(grace_s)s * interval '1 second'
+      -- Not while a consumer holds it (a task that expired while it runs is acked as usual).
+      AND (lease_token IS NULL OR coalesce(leased_until, visible_at) <= now() - %(grace_s)s * interval '1 second')
+    ORDER BY expires_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), dead AS (
+    DELETE FROM {schema}.messages d
+    USING stale s
+    WHERE d.id = s.id
+    RETURNING d.*
+)
+INSERT INTO {schema}.dead_letters (message_id, queue, priority, task_id, task_name, reason,
+                                   attempts, max_attempts, errors, payload, enqueued_at)
+SELECT id, queue, priority, task_id, task_name, 'expired', delivery_count, max_attempts,
+       errors || jsonb_build_array(jsonb_build_object(
+           'at', now(), 'worker', null, 'type', 'Expired', 'traceback', null,
+           'message', 'the task expired and no consumer took it within '
+                      || %(grace_s)s || ' s: it was never run')),
+       payload, created_at
+FROM dead
+RETURNING message_id, queue, task_id
 
 -- name: claim_no_ack
 -- For consumers that do not acknowledge (remote-control and event receivers): taking the message
@@ -239,7 +281,7 @@ WITH c AS (
 DELETE FROM {schema}.messages m
 USING c
 WHERE m.id = c.id
-RETURNING m.id, NULL::uuid, m.delivery_count + 1, m.priority, m.payload, m.released
+RETURNING m.id, NULL::uuid, m.delivery_count + 1, m.priority, m.payload, m.released, NULL::numeric
 
 -- name: fail
 -- A processing attempt failed (the task raised, or the consumer requeued it): decided here from
@@ -371,7 +413,9 @@ WHERE id = %(id)s
 -- name: dlq_replay_batch
 -- Put a batch of dead letters back on their queues as new messages: attempts start again, the
 -- error history comes along, and the dead letter stays (marked replayed) until purged. Run in
--- one transaction for a whole replay, so that it applies entirely or not at all.
+-- one transaction for a whole replay, so that it applies entirely or not at all. The wake-up
+-- has the publishes' payload (see wake_payload): consumers start the messages at once, not at
+-- their next safety-net poll.
 WITH picked AS (
     SELECT id
     FROM {schema}.dead_letters
@@ -396,7 +440,8 @@ WITH picked AS (
 )
 SELECT (SELECT count(*) FROM requeued),
        (SELECT max(id) FROM marked),
-       (SELECT count(pg_notify(%(channel)s, queue)) FROM (SELECT DISTINCT queue FROM requeued) AS q)
+       (SELECT count(pg_notify(%(channel)s, {schema}.wake_payload(now()) || queue))
+        FROM (SELECT DISTINCT queue FROM requeued) AS q)
 
 -- name: dlq_purge
 DELETE FROM {schema}.dead_letters

@@ -38,6 +38,15 @@ MAX_ATTEMPTS_HEADER = "x-kombu-pg-max-attempts"
 #: the same key is dropped, or, with the mode header set to "replace", replaces the waiting one.
 UNIQUE_KEY_HEADER = "x-kombu-pg-unique-key"
 UNIQUE_MODE_HEADER = "x-kombu-pg-unique-mode"
+#: A worker whose Celery integration is not installed (``kombu_pg.pth`` not processed: the
+#: package is not in this interpreter's site-packages, or Python runs with -S).
+NO_INTEGRATION = ("kombu-pg: the broker is PostgreSQL but the Celery integration is not installed in "
+                  "this worker: tasks run without lease renewal, server-side retries or dead letters. "
+                  "It installs itself at interpreter start through kombu_pg.pth: install kombu-pg "
+                  "into this Python's site-packages")
+#: Wake-ups name the queue in a NOTIFY payload, "<ms until visible> <queue>", which PostgreSQL
+#: limits to fewer than 8000 bytes; the delay takes up to 20 (a bigint and the space).
+MAX_QUEUE_NAME_BYTES = 8000 - 1 - 20
 
 
 def parse_tag(delivery_tag: str) -> tuple[int, str | None]:
@@ -53,6 +62,15 @@ def _load_envelope(payload: str) -> dict:
     # the like. Envelopes rarely hold one (the body is a string inside): decode them plainly
     # unless the marker appears as a key.
     return loads(payload) if '"__type__"' in payload else json.loads(payload)
+
+
+def _mark_expired(message: dict, expired_for: float) -> None:
+    """A Celery task the database found expired ``expired_for`` seconds ago. Celery's worker
+    marks a task REVOKED when its ``expires`` header has passed by the worker's own clock: the
+    header says when, in that clock, so that a clock behind the database's cannot make it run.
+    (A task expired by the queue's x-message-ttl gets the header it lacked.)"""
+    expired_at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=expired_for)
+    message.setdefault("headers", {})["expires"] = expired_at.isoformat()
 
 
 def _parse_eta(value) -> dt.datetime | None:
@@ -201,17 +219,21 @@ class Channel(virtual.Channel):
 
     def claimed(self, queue: str, rows: list[tuple]) -> list[dict]:
         """Messages from the claim's rows (libpq text: id, token, delivery count, priority,
-        payload, released)."""
-        rows = [(int(id_), token, int(count), int(priority), payload, released == "t")
-                for id_, token, count, priority, payload, released in rows]
+        payload, released, seconds since it expired)."""
+        rows = [(int(id_), token, int(count), int(priority), payload, released == "t",
+                 None if expired_for is None else float(expired_for))
+                for id_, token, count, priority, payload, released, expired_for in rows]
         rows.sort(key=lambda row: (-row[3], row[0]))  # RETURNING has no order
         if rows:
             counters.add("delivered", queue, len(rows))
         return [self._to_payload(queue, *row) for row in rows]
 
-    def _to_payload(self, queue, message_id, token, delivery_count, priority, payload, released) -> dict:
+    def _to_payload(self, queue, message_id, token, delivery_count, priority, payload, released,
+                    expired_for) -> dict:
         message = _load_envelope(payload)
         props = message["properties"]
+        if expired_for is not None:
+            _mark_expired(message, expired_for)
         props["delivery_tag"] = f"{message_id}:{token or '-'}"
         info = props.setdefault("delivery_info", {})
         info["redelivered"] = delivery_count > 1 or released
@@ -290,6 +312,7 @@ class Channel(virtual.Channel):
         return to_rabbitmq_queue_arguments(arguments, **kwargs)
 
     def _new_queue(self, queue, durable=True, auto_delete=False, arguments=None, **kwargs):
+        _check_queue_name(queue)
         arguments = arguments or {}
         overrides = self.options.queue_options.get(queue, {})
         self.db.run(self.db.q.declare_queue, {
@@ -392,6 +415,9 @@ class Transport(virtual.Transport):
     #: Set by the Celery integration: ``in_progress(message)`` tells whether the consumer will still
     #: process (and ack) a delivered message, so that closing a lost connection keeps its lease.
     in_progress = None
+    #: Set by the Celery integration: ``on_tasks_expired(task_ids)`` records tasks the sweeper
+    #: moved to the dead letters because they expired with no consumer taking them.
+    on_tasks_expired = None
 
     def __init__(self, client, **kwargs):
         self.options = config.Options.from_transport_options(client.transport_options)
@@ -519,18 +545,35 @@ class Transport(virtual.Transport):
             self.sweep()
 
     def sweep(self) -> None:
-        """Drop expired queues (x-expires) and messages (TTL); one sweeper at a time."""
+        """Drop expired queues (x-expires) and messages (TTL), dead-letter expired tasks nobody
+        took; one sweeper at a time."""
         q = self.db.q
         with self.db.pool.connection() as conn, conn.transaction():
             if not conn.execute(q.sweep_try_lock, {"lock_key": hash_key(self.options.schema)}).fetchone()[0]:
                 return
             queues_gone = conn.execute(q.sweep_expired_queues, {
                 "auto_delete_expires_s": self.options.auto_delete_expires}).rowcount
-            expired = conn.execute(q.sweep_expired_messages).rowcount
+            expired = conn.execute(q.sweep_expired_messages, {}).rowcount
+            buried = conn.execute(q.sweep_expired_tasks, {
+                "grace_s": self.options.expired_task_grace, "limit": 1000}).fetchall()
         self.db.reap()
         if queues_gone or expired:
             logger.info("kombu_pg: sweep removed %d message(s) of expired queues and %d expired "
                         "message(s)", queues_gone, expired)
+        if buried:
+            self._expired_unclaimed(buried)
+
+    def _expired_unclaimed(self, buried: list[tuple]) -> None:
+        for message_id, queue, task_id in buried:
+            counters.add("dead_lettered", queue)
+            logger.warning("kombu_pg: task %s (message %s) of queue %r expired and no consumer took it "
+                           "within %g s: dead-lettered (expired)", task_id, message_id, queue,
+                           self.options.expired_task_grace)
+        if Transport.on_tasks_expired is not None:
+            try:
+                Transport.on_tasks_expired([task_id for _, _, task_id in buried])
+            except Exception as exc:  # the dead letters are written; only their state is not
+                logger.error("kombu_pg: could not mark %d expired task(s) REVOKED: %s", len(buried), exc)
 
     def deliver_ready(self, one: bool = False) -> int:
         """Claim and deliver messages of the queues marked ready, within prefetch limits.
@@ -688,6 +731,8 @@ class Transport(virtual.Transport):
         self._deliver_from_hub()
 
     def register_with_event_loop(self, connection, loop):
+        if Transport.in_progress is None:  # only Celery workers run an event loop
+            logger.warning(NO_INTEGRATION)
         self._hub = loop
         # The hub blocks in poll() until a socket is readable or a timer is due; this pair lets
         # the transport ask for another round when it still has messages to claim.
@@ -759,6 +804,16 @@ class Transport(virtual.Transport):
             if deadline is not None:
                 wait = min(wait, deadline - now)
             self._read_notifications(wait)
+
+
+def _check_queue_name(queue: str) -> None:
+    """Refuse at declare a name no publish to it could carry in its wake-up."""
+    size = len(queue.encode())
+    if size > MAX_QUEUE_NAME_BYTES:
+        raise config.ConfigurationError(
+            f"queue name {queue[:40]!r}... is {size} bytes long: the PostgreSQL transport allows at "
+            f"most {MAX_QUEUE_NAME_BYTES} bytes (its wake-ups carry the name in a NOTIFY payload); "
+            "use a shorter queue name")
 
 
 def hash_key(text: str) -> int:

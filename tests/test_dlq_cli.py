@@ -191,3 +191,41 @@ def test_purge_removes_only_what_it_says(make_app, procs, env, kombu_conn):
     assert out.returncode == 0, out.stderr
     assert "purged 1 dead letter(s)" in out.stdout
     assert remaining() == []
+
+
+# The task fails on its first run and succeeds when replayed: each run is recorded in the
+# runs table (started_at = clock_timestamp() when it starts).
+FIRST_RUN_FAILS = '''
+@app.task(bind=True)
+def fails_first_run(self, label):
+    record(self, label)
+    with psycopg.connect(DB_URL, autocommit=True, application_name="kp_task") as conn:
+        runs = conn.execute("SELECT count(*) FROM " + RUNS + " WHERE task_id = %s", (self.request.id,)).fetchone()[0]
+    if runs == 1:
+        raise RuntimeError(f"first run of {label}")
+    return label
+'''
+
+
+@pytest.mark.slow
+def test_replayed_dead_letter_starts_within_100ms_on_an_idle_worker(make_app, procs, env):
+    """Acceptance bound: a replay wakes the consumers of its queues at once, as a publish does
+    (median of 5 replays under 100 ms, from the replay's transaction to the task's start), not
+    at their next safety-net poll (polling_interval, 1 s by default)."""
+    replays, bound_s = 5, 0.100
+    app = make_app(extra_source=FIRST_RUN_FAILS, transport_options={"max_attempts": 1})
+    procs.worker(app, pool="solo", concurrency=1)
+    results = [app.fails_first_run.delay(f"replay{i}") for i in range(replays)]
+    wait_for(lambda: len(dead_letters(env)) == replays, 30, what=f"{replays} dead letters")
+    letters = {row["task_id"]: row["id"] for row in dead_letters(env)}
+
+    latencies = []
+    for i, result in enumerate(results):
+        kombu_pg(procs, env, "dlq", "replay", str(letters[result.id]))
+        [run] = env.wait_runs(2, f"replay{i}", timeout=10)[1:]
+        # replayed_at is the replay transaction's now(): its start, so at or before its commit.
+        replayed_at = env.db.scalar(sql.SQL("SELECT replayed_at FROM {}.dead_letters WHERE id = %s").format(
+            sql.Identifier(env.broker_schema)), (letters[result.id],))
+        latencies.append((run["started_at"] - replayed_at).total_seconds())
+    latencies.sort()
+    assert latencies[replays // 2] < bound_s, f"replay-to-start latencies (s): {latencies}"
