@@ -9,7 +9,8 @@ message handler and stop the worker (a body that is not ``[args, kwargs, embed]`
 ``id`` header, ...), or fail later in the pool, or even let the message be acked unrun (kwargs
 that are not a mapping). The task message handler is therefore guarded: such a message is
 treated as an invalid task message, before Celery builds a request from it, and anything else
-its content makes the handler raise dead-letters it too, rather than stopping the worker.
+its content makes the handler (or the hand-over of its request to the pool) raise dead-letters
+it too, rather than stopping the worker.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from celery.exceptions import InvalidTaskError, TimeLimitExceeded
 from celery.worker import state
 from celery.worker.consumer.consumer import Consumer
 from celery.worker.request import Request
+from celery.worker.worker import WorkController
 from kombu.exceptions import ContentDisallowed, DecodeError
 
 from kombu_pg.database import error_entry
@@ -54,8 +56,10 @@ def task_message_defect(message) -> str | None:
     if not isinstance(headers.get("id"), str):
         return "the 'id' header is missing or not a string"
     timelimit = headers.get("timelimit")
-    if timelimit is not None and not (isinstance(timelimit, (list, tuple)) and len(timelimit) == 2):
-        return "the 'timelimit' header is not [soft, hard]"
+    if timelimit is not None and not (isinstance(timelimit, (list, tuple)) and len(timelimit) == 2
+                                      and all(_seconds_or_none(limit) for limit in timelimit)):
+        # Checked here: the pool would take the job, then fail to set its timers.
+        return "the 'timelimit' header is not [soft, hard] (seconds or null)"
     try:
         body = message.payload  # decoded once: the request Celery builds next reuses it
     except Exception:
@@ -72,6 +76,10 @@ def task_message_defect(message) -> str | None:
     if embed is not None and not isinstance(embed, Mapping):
         return "the body's embed (callbacks, chord, ...) is not a mapping"
     return None
+
+
+def _seconds_or_none(value) -> bool:
+    return value is None or isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _guarded_task_handler(create):
@@ -92,6 +100,7 @@ def _guarded_task_handler(create):
                 if message.acknowledged:  # settled already: nothing left to dead-letter
                     logger.exception("kombu_pg: error handling task message %s", message.delivery_tag)
                     return None
+                _forget_request(message)
                 return self.on_invalid_task(None, message, exc)
 
         return guarded_on_task_received
@@ -118,6 +127,40 @@ def _message_and_exc(name, args):
     if name == "on_unknown_message":  # (body, message)
         return args[1], None
     return args[1], args[2]  # (body, message, exc)
+
+
+def _guarded_process_task(process):
+    # A request can also fail on its content when it is handed to the pool, which happens
+    # later, from the event loop, when the pool was full as the message came in.
+    def _process_task(self, req):
+        try:
+            return process(self, req)
+        except MemoryError:
+            raise
+        except Exception as exc:
+            if not isinstance(getattr(req.message, "channel", None), Channel):
+                raise
+            logger.error("kombu_pg: task %s[%s] cannot be run (%s: %s): moving it to the dead letters",
+                         req.name, req.id, type(exc).__name__, exc)
+            dead_letter(req.message, "undecodable", exc)
+            state.task_ready(req)
+            req.reject(requeue=False)  # settles the delivery (its lease is gone already)
+            try:
+                self._quick_release()  # its pool slot, as Celery does for a revoked task
+            except AttributeError:  # no semaphore for this pool
+                pass
+            return None
+
+    _process_task._kombu_pg = True
+    return _process_task
+
+
+def _forget_request(message) -> None:
+    """Drop the request Celery may have registered for ``message`` before failing on it, so
+    that it is not listed as reserved forever."""
+    request = state.requests.get((message.headers or {}).get("id"))
+    if request is not None and request.message is message:
+        state.task_ready(request)
 
 
 def _request_on_failure(method):
@@ -188,5 +231,6 @@ def install() -> None:
     Consumer.on_unknown_message = _before(Consumer.on_unknown_message, "undecodable")
     Consumer.on_invalid_task = _before(Consumer.on_invalid_task, "undecodable")
     Consumer.create_task_handler = _guarded_task_handler(Consumer.create_task_handler)
+    WorkController._process_task = _guarded_process_task(WorkController._process_task)
     Request.on_failure = _request_on_failure(Request.on_failure)
     Request.on_timeout = _request_on_timeout(Request.on_timeout)

@@ -55,6 +55,10 @@ def _load_envelope(payload: str) -> dict:
     return loads(payload) if '"__type__"' in payload else json.loads(payload)
 
 
+JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+              type(None): "null"}
+
+
 class UndecodableMessage(ValueError):
     """A stored row that cannot become a Kombu message (a producer bug or a corrupted row)."""
 
@@ -244,7 +248,8 @@ class Channel(virtual.Channel):
     def _check_envelope(self, message) -> None:
         """Raise UndecodableMessage unless ``message`` can become a Kombu message."""
         if not isinstance(message, dict):
-            raise UndecodableMessage(f"the payload is a JSON {type(message).__name__}, not an object")
+            kind = JSON_TYPES.get(type(message), type(message).__name__)
+            raise UndecodableMessage(f"the payload is a JSON {kind}, not an object")
         props = message.get("properties")
         if not isinstance(props, dict):
             raise UndecodableMessage("'properties' is missing or not an object")
