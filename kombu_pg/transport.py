@@ -241,7 +241,7 @@ class Channel(virtual.Channel):
                                           "undecodable", error)
             else:
                 self.db.dead_letter(message_id, token, "undecodable", error)
-        except database.CONNECTION_ERRORS as db_exc:
+        except Exception as db_exc:  # never the consumer's end either
             logger.error("kombu_pg: could not dead-letter message %s (%s)%s", message_id, db_exc,
                          "" if token is None else ": it comes back when its lease expires")
 
@@ -265,11 +265,11 @@ class Channel(virtual.Channel):
             raise UndecodableMessage("'body' is missing or not a string")
         if encoding is not None and not isinstance(encoding, str):
             raise UndecodableMessage("'properties.body_encoding' is not a string")
-        if body and encoding:
+        if body and encoding and encoding.lower() != "utf-8":
+            if encoding not in self.codecs:
+                raise UndecodableMessage(f"unknown body_encoding {encoding!r}")
             try:  # as Kombu's Message will (a binary body is decoded twice: rare, and cheap)
                 self.decode_body(body, encoding)
-            except KeyError:
-                raise UndecodableMessage(f"unknown body_encoding {encoding!r}") from None
             except Exception as exc:
                 raise UndecodableMessage(f"the body is not valid {encoding}: {exc}") from None
 

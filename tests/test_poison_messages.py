@@ -10,7 +10,10 @@ import collections
 import copy
 import json
 
+import time
+
 import pytest
+from kombu import Consumer, Exchange, Producer, Queue
 from psycopg import sql
 
 from conftest import console_script, dead_letters, wait_for
@@ -67,6 +70,7 @@ MALFORMED = {
     "unknown_type_marker": _set("headers", "eta", {"__type__": "frobnicator", "__value__": 1}),
     "bad_base64_body": _edit(lambda envelope: (envelope["properties"].update(body_encoding="base64"),
                                                envelope.update(body="not*base64"))),
+    "unknown_body_encoding": _set("properties", "body_encoding", "rot13"),
     "no_body": _drop("body"),
     # Celery's side.
     "body_not_three_items": _body([["x"], {}]),
@@ -145,3 +149,42 @@ def test_malformed_messages_are_dead_lettered_and_never_stop_the_worker(make_app
             assert letter["message"] == json.loads(bad[task_id]) and letter["raw_payload"] is None
         else:
             assert letter["message"] is None and letter["raw_payload"] == bad[task_id]
+
+
+@pytest.mark.parametrize("no_ack", [False, True], ids=["acking", "no_ack"])
+def test_kombu_consumer_gets_the_good_messages_of_a_claim_with_undecodable_rows(env, kombu_conn, no_ack):
+    """A plain Kombu consumer, acking or not (a no-ack claim deletes the rows it takes), gets
+    every good message; the rows claimed with them that are not messages are dead-lettered."""
+    conn = kombu_conn()
+    queue = Queue("mixed", Exchange("mixed", "direct"), routing_key="mixed")
+    queue(conn.default_channel).declare()
+    producer = Producer(conn.default_channel)
+    for i in range(3):
+        producer.publish({"i": i}, exchange=queue.exchange, routing_key="mixed", serializer="json")
+        insert_row(env, "mixed", '{"body": "half a mess', f"bad{i}", None)
+    received = []
+
+    def on_message(body, message):
+        received.append(body["i"])
+        if not no_ack:
+            message.ack()
+
+    consumer = Consumer(conn.default_channel, queues=[queue], accept=["json"], callbacks=[on_message],
+                        no_ack=no_ack, prefetch_count=10)
+    consumer.consume()
+    deadline = time.monotonic() + 10
+    while len(received) < 3 and time.monotonic() < deadline:
+        try:
+            conn.drain_events(timeout=0.5)
+        except TimeoutError:
+            pass
+    consumer.cancel()
+    assert sorted(received) == [0, 1, 2]
+    letters = dead_letters(env)
+    # A no-ack claim does not return the row's task id (the payload could not tell it either).
+    assert [row["task_id"] for row in letters] == ([None] * 3 if no_ack else ["bad0", "bad1", "bad2"])
+    for row in letters:
+        assert (row["reason"], row["queue"], row["payload"], row["attempts"]) == \
+            ("undecodable", "mixed", '{"body": "half a mess', 1), row
+        assert row["errors"][-1]["type"] == "JSONDecodeError", row
+    env.wait_count("mixed", 0)
