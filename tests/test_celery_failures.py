@@ -90,7 +90,8 @@ def test_hard_time_limit_is_a_failed_attempt(make_app, procs, env):
     """Celery requeues a task killed at its hard time limit; that is recorded as a failed
     attempt (retried after backoff, not redelivered at once as a plain requeue is), and the
     message is dead-lettered once it used up its attempts."""
-    app = make_app(extra_source=TIME_LIMITED, transport_options={"backoff_base": 0.2, "polling_interval": 0.2})
+    app = make_app(extra_source=TIME_LIMITED,
+                   transport_options={"backoff_base": 0.2, "polling_interval": 0.2})
     worker = procs.worker(app, name="w1", pool="prefork", concurrency=1)
     app.stuck.delay("stuck")
     [letter] = wait_for(lambda: dead_letters(env), 60, what="the stuck task to be dead-lettered")

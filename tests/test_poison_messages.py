@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import copy
 import json
-
 import time
 
 import pytest
@@ -68,8 +67,8 @@ MALFORMED = {
     "delivery_info_not_object": _set("properties", "delivery_info", ["celery"]),
     "headers_not_object": _set("headers", "mark"),
     "unknown_type_marker": _set("headers", "eta", {"__type__": "frobnicator", "__value__": 1}),
-    "bad_base64_body": _edit(lambda envelope: (envelope["properties"].update(body_encoding="base64"),
-                                               envelope.update(body="not*base64"))),
+    "bad_base64_body": _edit(lambda envelope: envelope.update(
+        body="not*base64", properties=dict(envelope["properties"], body_encoding="base64"))),
     "unknown_body_encoding": _set("properties", "body_encoding", "rot13"),
     "no_body": _drop("body"),
     # Celery's side.
@@ -78,7 +77,8 @@ MALFORMED = {
     "kwargs_not_mapping": _body([["x"], ["y"], {}]),
     "embed_not_mapping": _body([["x"], {}, "callbacks"]),
     "no_id_header": _drop("headers", "id"),
-    "task_header_not_string": _edit(lambda envelope: envelope["headers"].update(task=[envelope["headers"]["task"]])),
+    "task_header_not_string": _edit(lambda envelope: envelope["headers"].update(
+        task=[envelope["headers"]["task"]])),
     "timelimit_not_pair": _set("headers", "timelimit", 30),
     "unparsable_eta": _set("headers", "eta", "next tuesday"),
     # Fails as the request goes to the pool (later, from the event loop, when the pool is busy)...
