@@ -68,10 +68,20 @@ class DeadLetter:
     attempts: int
     max_attempts: int | None
     errors: list[dict]
-    message: dict  # the original Kombu message: body, headers, properties
+    message: dict | None  # the original Kombu message: body, headers, properties
     enqueued_at: dt.datetime
     dead_lettered_at: dt.datetime
     replayed_at: dt.datetime | None
+    #: The payload as stored, when it is not a JSON object (an undecodable message; message is None).
+    raw_payload: str | None = None
+
+
+def _json_object(text: str) -> dict | None:
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 class Admin:
@@ -109,8 +119,10 @@ class Admin:
         if row is None:
             return None
         values = list(row)
-        values[10] = json.loads(values[10])  # payload -> message
-        return DeadLetter(*values)
+        message = _json_object(values[10])
+        raw_payload = None if message is not None else values[10]
+        values[10] = message
+        return DeadLetter(*values, raw_payload=raw_payload)
 
     def replay(self, filter: Filter = Filter(), *, batch: int = 1000,
                progress: Callable[[int], None] | None = None, **filters) -> int:

@@ -231,6 +231,42 @@ class Database:
                        "attempt(s): %s", message_id, task_id, queue, attempts, reason)
         return dead_letter_id
 
+    def dead_letter_taken(self, message_id: int, queue: str, priority: int, attempts: int, payload: str,
+                          reason: str, error: dict) -> int:
+        """Dead-letter a message a no-ack claim already removed, from what the claim returned."""
+        [(dead_letter_id,)] = self.run(self.q.dead_letter_taken, {
+            "id": message_id, "queue": queue, "priority": priority, "attempts": attempts,
+            "payload": payload, "reason": reason, "error": json.dumps([error], default=str)}, fetch=True)
+        counters.add("dead_lettered", queue)
+        logger.warning("kombu_pg: dead-lettered message %s of queue %r: %s", message_id, queue, reason)
+        return dead_letter_id
+
+    def requeue(self, message_id: int, token: str, queue: str) -> dict | None:
+        """Give a leased message back for immediate redelivery; at the delivery cap it goes to
+        the dead letters instead (max_attempts). Returns ``{"attempt", "max_attempts",
+        "dead_letter_id"}``, or None when the lease is no longer ours."""
+        error = error_entry("Requeued", "requeued by the consumer at its last allowed delivery "
+                                        "(max_attempts)")
+        try:
+            rows = self.run(self.q.requeue, {
+                "id": message_id, "token": token, "error": json.dumps([error], default=str),
+                "default_max_attempts": self.options.policy(queue)["max_attempts"],
+                "channel": self.options.notify_channel}, fetch=True)
+        finally:
+            self.leases.forget([message_id])
+        if not rows:
+            return None
+        attempt, cap, dead_letter_id, _ = rows[0]
+        if dead_letter_id:
+            counters.add("dead_lettered", queue)
+            logger.warning("kombu_pg: message %s of queue %r requeued at delivery %d of %d: "
+                           "dead-lettered (max_attempts)", message_id, queue, attempt, cap)
+        else:
+            counters.add("requeued", queue)
+            logger.info("kombu_pg: message %s of queue %r requeued (delivery %d of %d)",
+                        message_id, queue, attempt, cap)
+        return {"attempt": attempt, "max_attempts": cap, "dead_letter_id": dead_letter_id}
+
     def reap(self, limit: int = 1000) -> list[tuple]:
         """Return expired leases to their queues, or dead-letter them at the delivery cap."""
         rows = self.run(self.q.reap, {"limit": limit, "default_max_attempts": self.options.max_attempts,

@@ -33,7 +33,9 @@ class LeaseKeeper:
         self._thread: threading.Thread | None = None
         self._conn: psycopg.Connection | None = None
 
-    def hold(self, message_id: int, token: str) -> None:
+    def hold(self, message_id: int, token: str | None) -> None:
+        if token is None:  # taken by a no-ack consumer: the row is gone, there is no lease
+            return
         with self._lock:
             self._held[message_id] = token
             if self._thread is None:

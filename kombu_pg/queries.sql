@@ -284,7 +284,7 @@ WHERE m.id = c.id
 RETURNING m.id, NULL::uuid, m.delivery_count + 1, m.priority, m.payload, m.released, NULL::numeric
 
 -- name: fail
--- A processing attempt failed (the task raised, or the consumer requeued it): decided here from
+-- A processing attempt failed (the task raised, its worker was lost): decided here from
 -- the persisted delivery count, in one statement. Below the cap the message is retried after an
 -- exponential backoff with jitter (half to all of min(cap, base * 2^(attempt-1)) seconds); at the
 -- cap it moves to the dead letters. Either way the attempt's error joins the history. A message
@@ -337,6 +337,52 @@ SELECT id, queue, priority, task_id, task_name, %(reason)s,
        delivery_count, max_attempts, errors || %(error)s::jsonb, payload, created_at
 FROM d
 RETURNING id, queue, task_id, attempts
+
+-- name: dead_letter_taken
+-- A message a no-ack claim already deleted, which turned out not to be a valid message: kept in
+-- the dead letters from what the claim returned, payload as stored. Its task id and name are
+-- unknown here (the payload could not be read) and its enqueue time was not returned: now().
+INSERT INTO {schema}.dead_letters (message_id, queue, priority, task_id, task_name, reason,
+                                   attempts, max_attempts, errors, payload, enqueued_at)
+VALUES (%(id)s, %(queue)s, %(priority)s, NULL, NULL, %(reason)s,
+        %(attempts)s, NULL, %(error)s::jsonb, %(payload)s, now())
+RETURNING id
+
+-- name: requeue
+-- The consumer gives a message back for immediate redelivery (Kombu's requeue): unlike a failed
+-- attempt there is no backoff, and a NOTIFY wakes a waiting consumer at once. Unlike a release,
+-- the delivery counts toward the cap (delivery_count stays as the claim left it), so a consumer
+-- that always requeues ends, at the cap, in the dead letters (max_attempts) with `error` in the
+-- history, instead of looping forever. A lease that is no longer ours is left alone: no row.
+WITH m AS (
+    SELECT m.id, m.delivery_count,
+           coalesce(m.max_attempts, q.max_attempts, %(default_max_attempts)s) AS cap
+    FROM {schema}.messages m
+    LEFT JOIN {schema}.queues q ON q.name = m.queue
+    WHERE m.id = %(id)s AND m.lease_token = %(token)s
+    FOR UPDATE OF m
+), dead AS (
+    DELETE FROM {schema}.messages d
+    USING m
+    WHERE d.id = m.id AND m.delivery_count >= m.cap
+    RETURNING d.*, m.cap
+), buried AS (
+    INSERT INTO {schema}.dead_letters (message_id, queue, priority, task_id, task_name, reason,
+                                       attempts, max_attempts, errors, payload, enqueued_at)
+    SELECT id, queue, priority, task_id, task_name, 'max_attempts',
+           delivery_count, cap, errors || %(error)s::jsonb, payload, created_at
+    FROM dead
+    RETURNING id
+), requeued AS (
+    UPDATE {schema}.messages r
+    SET lease_token = NULL, visible_at = now()
+    FROM m
+    WHERE r.id = m.id AND m.delivery_count < m.cap
+    RETURNING r.queue
+)
+SELECT m.delivery_count, m.cap, (SELECT id FROM buried),
+       (SELECT pg_notify(%(channel)s, {schema}.wake_payload(now()) || queue) FROM requeued)
+FROM m
 
 -- name: reap
 -- Expired leases: the consumer died or stalled. Those with deliveries left go back to their

@@ -73,6 +73,23 @@ def _mark_expired(message: dict, expired_for: float) -> None:
     message.setdefault("headers", {})["expires"] = expired_at.isoformat()
 
 
+JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+              type(None): "null"}
+
+
+class UndecodableMessage(ValueError):
+    """A stored row that cannot become a Kombu message (a producer bug or a corrupted row)."""
+
+
+class Claimed(list):
+    """The messages of one claim. ``rows`` counts every row it took, undecodable ones included:
+    a claim that came back full means more may be waiting, whatever became of its rows."""
+
+    def __init__(self, rows: int):
+        super().__init__()
+        self.rows = rows
+
+
 def _parse_eta(value) -> dt.datetime | None:
     if not value:
         return None
@@ -99,19 +116,15 @@ class QoS(virtual.QoS):
         super().ack(delivery_tag)
 
     def reject(self, delivery_tag, requeue=False):
-        # Not the base class: it would publish a copy of the message. A rejection is a failed
-        # attempt: requeued, it is retried after backoff until the delivery cap; not requeued,
-        # it goes to the dead letters rather than vanishing.
+        # Not the base class: it would publish a copy of the message. Requeued, the same row is
+        # visible again at once, up to the delivery cap; not requeued, it goes to the dead
+        # letters rather than vanishing.
         message_id, token = parse_tag(delivery_tag)
         db = self.channel.db
         if requeue:
-            outcome = db.fail(message_id, token, error_entry("Requeued", "rejected with requeue by the consumer"),
-                              queue=self._queue_of(delivery_tag))
-            if outcome:
-                counters.add("requeued", self._queue_of(delivery_tag))
-            if outcome and outcome["retry_at"]:
-                logger.info("kombu_pg: message %s requeued (attempt %d of %d), visible at %s", message_id,
-                            outcome["attempt"], outcome["max_attempts"], outcome["retry_at"])
+            # Kombu's contract: delivered again at once (no backoff, unlike a failed attempt).
+            # The delivery still counts, so a consumer that always requeues ends in the dead letters.
+            db.requeue(message_id, token, self._queue_of(delivery_tag))
         else:
             db.dead_letter(message_id, token, "rejected",
                            error_entry("Rejected", "rejected without requeue by the consumer"))
@@ -201,7 +214,7 @@ class Channel(virtual.Channel):
 
     # -- consuming --------------------------------------------------------------------------
 
-    def claim(self, queue: str, limit: int) -> list[dict]:
+    def claim(self, queue: str, limit: int) -> Claimed:
         """Lease up to ``limit`` messages of ``queue`` (take them outright for no-ack consumers)."""
         return self.claimed(queue, self.db.run(*self._claim_statement(queue, limit), fetch=True))
 
@@ -217,25 +230,81 @@ class Channel(virtual.Channel):
                            "held": self.db.leases.held_literal(),
                            "synchronous_commit": self.db.lease_commit}
 
-    def claimed(self, queue: str, rows: list[tuple]) -> list[dict]:
+    def claimed(self, queue: str, rows: list[tuple]) -> Claimed:
         """Messages from the claim's rows (libpq text: id, token, delivery count, priority,
-        payload, released, seconds since it expired)."""
+        payload, released, seconds since it expired). A row that cannot become a message goes
+        to the dead letters: it must not stop the consumer, nor hold up the other messages of its
+        claim."""
         rows = [(int(id_), token, int(count), int(priority), payload, released == "t",
                  None if expired_for is None else float(expired_for))
                 for id_, token, count, priority, payload, released, expired_for in rows]
         rows.sort(key=lambda row: (-row[3], row[0]))  # RETURNING has no order
-        if rows:
-            counters.add("delivered", queue, len(rows))
-        return [self._to_payload(queue, *row) for row in rows]
+        messages, undecodable = Claimed(len(rows)), []
+        for row in rows:
+            try:
+                messages.append(self._to_payload(queue, *row))
+            except Exception as exc:  # whatever the row holds
+                undecodable.append((row, exc))
+        if messages:
+            counters.add("delivered", queue, len(messages))
+        for row, exc in undecodable:
+            self._bury_undecodable(queue, row, exc)
+        return messages
+
+    def _bury_undecodable(self, queue, row, exc) -> None:
+        message_id, token, delivery_count, priority, payload, *_ = row
+        logger.error("kombu_pg: message %s of queue %r is not a valid Kombu message (%s: %s): "
+                     "moving it to the dead letters", message_id, queue, type(exc).__name__, exc)
+        error = error_entry(type(exc).__name__, f"not a valid Kombu message: {exc}")
+        try:
+            if token is None:  # a no-ack claim deleted the row already: keep what it returned
+                self.db.dead_letter_taken(message_id, queue, priority, delivery_count, payload,
+                                          "undecodable", error)
+            else:
+                self.db.dead_letter(message_id, token, "undecodable", error)
+        except Exception as db_exc:  # never the consumer's end either
+            logger.error("kombu_pg: could not dead-letter message %s (%s)%s", message_id, db_exc,
+                         "" if token is None else ": it comes back when its lease expires")
+
+    def _check_envelope(self, message) -> None:
+        """Raise UndecodableMessage unless ``message`` can become a Kombu message."""
+        if not isinstance(message, dict):
+            kind = JSON_TYPES.get(type(message), type(message).__name__)
+            raise UndecodableMessage(f"the payload is a JSON {kind}, not an object")
+        props = message.get("properties")
+        if not isinstance(props, dict):
+            raise UndecodableMessage("'properties' is missing or not an object")
+        if props.get("delivery_info") is not None and not isinstance(props["delivery_info"], dict):
+            raise UndecodableMessage("'properties.delivery_info' is not an object")
+        if message.get("headers") is not None and not isinstance(message["headers"], dict):
+            raise UndecodableMessage("'headers' is not an object")
+        for key in ("content-type", "content-encoding"):
+            if message.get(key) is not None and not isinstance(message[key], str):
+                raise UndecodableMessage(f"'{key}' is not a string")
+        body, encoding = message.get("body"), props.get("body_encoding")
+        if not isinstance(body, str):
+            raise UndecodableMessage("'body' is missing or not a string")
+        if encoding is not None and not isinstance(encoding, str):
+            raise UndecodableMessage("'properties.body_encoding' is not a string")
+        if body and encoding and encoding.lower() != "utf-8":
+            if encoding not in self.codecs:
+                raise UndecodableMessage(f"unknown body_encoding {encoding!r}")
+            try:  # as Kombu's Message will (a binary body is decoded twice: rare, and cheap)
+                self.decode_body(body, encoding)
+            except Exception as exc:
+                raise UndecodableMessage(f"the body is not valid {encoding}: {exc}") from None
 
     def _to_payload(self, queue, message_id, token, delivery_count, priority, payload, released,
                     expired_for) -> dict:
         message = _load_envelope(payload)
+        self._check_envelope(message)
         props = message["properties"]
         if expired_for is not None:
             _mark_expired(message, expired_for)
         props["delivery_tag"] = f"{message_id}:{token or '-'}"
-        info = props.setdefault("delivery_info", {})
+        info = props.get("delivery_info")
+        if info is None:
+            info = props["delivery_info"] = {}
         info["redelivered"] = delivery_count > 1 or released
         # Celery hooks read these from request.properties['delivery_info'].
         info["kombu_pg"] = {"id": message_id, "token": str(token) if token else None,
@@ -250,10 +319,12 @@ class Channel(virtual.Channel):
         return message
 
     def _get(self, queue, timeout=None):
-        messages = self.claim(queue, 1)
-        if not messages:
-            raise Empty()
-        return messages[0]
+        while True:
+            messages = self.claim(queue, 1)
+            if messages:
+                return messages[0]
+            if not messages.rows:  # else the row went to the dead letters: look again
+                raise Empty()
 
     def basic_get(self, queue, no_ack=False, **kwargs):
         if not no_ack:
@@ -624,11 +695,11 @@ class Transport(virtual.Transport):
                     self._kick()
         return delivered
 
-    def _after_claim(self, queue: str, messages: list, limit: int) -> None:
+    def _after_claim(self, queue: str, messages: Claimed, limit: int) -> None:
         """A claim that came back short drained the queue: wait for a wake-up."""
-        if len(messages) < limit:
+        if messages.rows < limit:
             self._ready.discard(queue)  # drained: wait for a wake-up or the next poll
-            if messages:
+            if messages.rows:
                 # An active queue: producers skip the NOTIFY for a message published right
                 # after another (see Database.should_notify), so look again soon.
                 self._wake_at(queue, database.FOLLOW_UP_SECONDS)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from conftest import HOST
+from conftest import HOST, console_script
 
 
 def test_inspect_ping_and_shutdown_one_worker(make_app, procs, env):
@@ -63,3 +63,27 @@ def test_events_receiver_sees_heartbeat_and_task_succeeded(make_app, procs, env)
     assert done(), f"no task-succeeded event for the task; saw {sorted(seen)}"
     [succeeded] = [e for e in seen["task-succeeded"] if e["uuid"] == sent[0].id]
     assert succeeded["result"] == "2"
+
+
+def test_event_and_reply_consumers_hold_no_leases(make_app, procs, env):
+    """``celery events`` and the replies to ``celery inspect`` take messages without ack: they
+    hold no lease, so none is renewed, and none is reported lost, while a busy worker sends
+    events. A visibility timeout of 2 s renews leases every 2/3 s: this 15 s run makes more
+    renewal rounds than a minute does at the default 30 s (one round every 10 s)."""
+    app = make_app(visibility_timeout=2)
+    worker = procs.worker(app, name="w1", pool="prefork", concurrency=2, extra_args=("-E",))
+    events = procs.spawn([console_script("celery"), "-A", app.name, "events", "--dump"], name="events")
+    pings = []
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        for result in [app.add.delay(i, i) for i in range(20)]:
+            assert result.get(timeout=30) >= 0
+        if len(pings) < 3:
+            pings.append(procs.celery(app, "inspect", "ping", "--timeout", "3"))
+    for ping in pings:
+        assert ping.returncode == 0 and "pong" in ping.stdout, ping.stdout + ping.stderr
+        assert "lost the lease" not in ping.stdout + ping.stderr
+    assert events.alive()
+    assert "task succeeded" in events.log(), events.log()[-2000:]  # it did consume events
+    assert "lost the lease" not in events.log()
+    assert "lost the lease" not in worker.log()

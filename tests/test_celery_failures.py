@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from conftest import unique, wait_for
+from conftest import dead_letters, unique, wait_for
+
+TIME_LIMITED = '''
+@app.task(bind=True, time_limit=1, max_attempts=2)
+def stuck(self, label):
+    record(self, label)
+    time.sleep(30)
+'''
 
 
 def task_id_of(row) -> str:
@@ -76,3 +83,20 @@ def test_terminated_connections_lose_and_duplicate_nothing(make_app, procs, env,
     assert {k: v for k, v in counts.items() if v > 1} == {}, "tasks ran twice"
     assert set(counts) == ids
     assert worker.alive()
+
+
+@pytest.mark.slow
+def test_hard_time_limit_is_a_failed_attempt(make_app, procs, env):
+    """Celery requeues a task killed at its hard time limit; that is recorded as a failed
+    attempt (retried after backoff, not redelivered at once as a plain requeue is), and the
+    message is dead-lettered once it used up its attempts."""
+    app = make_app(extra_source=TIME_LIMITED,
+                   transport_options={"backoff_base": 0.2, "polling_interval": 0.2})
+    worker = procs.worker(app, name="w1", pool="prefork", concurrency=1)
+    app.stuck.delay("stuck")
+    [letter] = wait_for(lambda: dead_letters(env), 60, what="the stuck task to be dead-lettered")
+    assert letter["reason"] == "max_attempts" and letter["attempts"] == 2, letter
+    assert [e["type"] for e in letter["errors"]] == ["TimeLimitExceeded"] * 2, letter["errors"]
+    assert len(env.runs("stuck")) == 2
+    assert worker.alive()
+    env.wait_count(None, 0)

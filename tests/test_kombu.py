@@ -9,6 +9,8 @@ from queue import Empty
 import pytest
 from kombu import Consumer, Exchange, Producer, Queue
 
+from conftest import dead_letters
+
 
 def declare(conn, name: str, **kwargs) -> Queue:
     queue = Queue(name, Exchange(name, "direct"), routing_key=name, **kwargs)
@@ -187,7 +189,9 @@ def test_reject_requeue_releases_same_row(env, kombu_conn):
     rows = env.messages("requeue")
     assert len(rows) == 1, rows
     assert rows[0]["id"] == before["id"]
-    assert rows[0]["lease_token"] is None  # released (possibly after a short retry backoff)
+    # Kombu's requeue is an immediate redelivery: the same row, visible again at once.
+    assert rows[0]["lease_token"] is None and not rows[0]["invisible"], rows
+    assert rows[0]["delivery_count"] == 1 and rows[0]["errors"] == []  # counted, not a failure
     again = simple.get(timeout=15)
     assert again.payload == "once"
     assert again.delivery_info.get("redelivered") is True
@@ -195,6 +199,58 @@ def test_reject_requeue_releases_same_row(env, kombu_conn):
     env.wait_count("requeue", 0)
     with pytest.raises(Empty):
         simple.get(timeout=0.3)
+
+
+def test_requeued_message_is_redelivered_at_once(env, kombu_conn):
+    """A plain Kombu consumer that requeues a message gets it back within 50 ms (median of 5
+    tries, from the requeue call to the redelivery), flagged redelivered."""
+    conn = kombu_conn()
+    queue = declare(conn, "again")
+    latencies, redelivered = [], []
+    for attempt in range(5):
+        publish(conn, queue, {"attempt": attempt})
+        requeued_at: list[float] = []
+
+        def on_message(body, message):
+            if not requeued_at:
+                requeued_at.append(time.monotonic())
+                message.requeue()
+            else:
+                latencies.append(time.monotonic() - requeued_at[0])
+                redelivered.append(message.delivery_info["redelivered"])
+                message.ack()
+
+        consume_until(conn, queue, on_message, 10, lambda: len(latencies) > attempt, timeout=10)
+        assert len(latencies) == attempt + 1, f"try {attempt}: the requeued message did not come back"
+    assert redelivered == [True] * 5
+    assert sorted(latencies)[2] < 0.050, latencies
+    env.wait_count("again", 0)
+
+
+def test_consumer_that_always_requeues_ends_in_dead_letters(env, kombu_conn):
+    """A requeue counts as a delivery: a consumer that requeues at every delivery stops
+    getting the message after max_attempts deliveries, and it is in the dead letters."""
+    conn = kombu_conn(max_attempts=3)
+    queue = declare(conn, "loop")
+    publish(conn, queue, "boomerang")
+    deliveries = []
+
+    def on_message(body, message):
+        deliveries.append(message.delivery_info["kombu_pg"]["delivery_count"])
+        message.requeue()
+
+    consume_until(conn, queue, on_message, 1, lambda: dead_letters(env), timeout=10)
+    [letter] = dead_letters(env)
+    assert letter["reason"] == "max_attempts" and letter["queue"] == "loop"
+    assert letter["attempts"] == 3 and letter["max_attempts"] == 3
+    assert [e["type"] for e in letter["errors"]] == ["Requeued"]
+    assert "requeued by the consumer" in letter["errors"][-1]["message"]
+    assert json.loads(json.loads(letter["payload"])["body"]) == "boomerang"
+    # Nothing is left to deliver: the consumer saw the message exactly max_attempts times.
+    with pytest.raises(Empty):
+        conn.SimpleQueue(queue).get(timeout=0.5)
+    assert deliveries == [1, 2, 3]
+    assert env.message_count("loop") == 0
 
 
 def test_reject_without_requeue_deletes(env, kombu_conn):
