@@ -109,6 +109,18 @@ class Worker:
             return self.ready_file.exists()
         wait_for(ready, timeout, "the celery worker to be ready", interval=0.1)
 
+    def started(self) -> int:
+        """Tasks started so far (records in the done file); raises if the worker has exited."""
+        # Imported here: the Kombu-only children import this module and must not load Celery.
+        from .celery_app import count_records
+
+        if self.proc.poll() is not None:
+            raise ChildError(f"celery worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+        return count_records(self.done_file)
+
+    def wait_started(self, count: int, timeout: float) -> None:
+        wait_for(lambda: self.started() >= count, timeout, f"{count} tasks to start")
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])

@@ -4,7 +4,7 @@
 
 Replaces the text between <!-- bench:start --> and <!-- bench:end --> in the README; without
 those markers the section is printed to stdout and the README is left alone. Writes
-bench/throughput.png and bench/latency.png.
+bench/throughput.png, bench/latency.png and (with soak results) bench/soak.png.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from bench.brokers import REFERENCE  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-THROUGHPUT_PNG, LATENCY_PNG = HERE / "throughput.png", HERE / "latency.png"
+THROUGHPUT_PNG, LATENCY_PNG, SOAK_PNG = HERE / "throughput.png", HERE / "latency.png", HERE / "soak.png"
 
 
 def fmt(value) -> str:
@@ -134,10 +134,54 @@ def targets_table(results: dict) -> list[str]:
         share = median("pgbench_limit", f"{path}.share")
         rows.append(row(f"{what} ≥ 50% of pgbench running the same statements (1 client, same runs)",
                         f"{share:.0%}" if share else "–", None if share is None else share >= 0.5))
-    return table(["target", "measured (medians)", ""], rows)
+    four = ratio(median("producers", "prefork.p4.tasks_per_s"),
+                 median("producers", "prefork.p4.tasks_per_s", "rabbitmq"))
+    rows.append(row("4 producers, prefork -c 2: Celery tasks/s ≥ 1.0× RabbitMQ",
+                    f"{fmt(median('producers', 'prefork.p4.tasks_per_s'))} tasks/s, {fmt(four)}× RabbitMQ",
+                    None if four is None else four >= 1.0))
+    return table(["target", "measured (medians)", ""], rows + soak_targets(scenarios.get("soak", {})))
 
 
-def machine_lines(meta: dict) -> list[str]:
+def soak_targets(scenario: dict) -> list[list[str]]:
+    """The soak's targets hold for every window: judged on kombu-pg's worst run."""
+    summary = scenario.get("summary", {})
+
+    def worst(metric, broker=REFERENCE, low=True):
+        s = summary.get(broker, {}).get(metric)
+        return None if s is None else s["min"] if low else s["max"]
+
+    def verdict(ok):
+        return "–" if ok is None else ("met" if ok else "**missed**")
+
+    rate = summary.get(REFERENCE, {}).get("offered_per_s", {}).get("median")
+    fraction = scenario.get("params", {}).get("fraction", 0.6)
+    others = [b for b in scenario.get("brokers", []) if b != REFERENCE and b in summary]
+
+    def beside(metric, unit="", low=True):  # the other brokers' worst runs, for comparison
+        cells = [f"{b} {fmt(worst(metric, b, low))}{unit}" for b in others]
+        return f" ({', '.join(cells)})" if cells else ""
+
+    ratio = worst("min_consumed_ratio")
+    p99 = worst("max_p99_ms", low=False)
+    size, backlog = worst("final_table_mb", low=False), worst("final_backlog", low=False)
+    updates, hot = worst("table_updates", low=False), worst("hot_ratio")
+    hot_ok = None if updates is None else updates == 0 or (hot is not None and hot >= 0.95)
+    return [
+        [f"Soak at {fraction:.0%} of kombu-pg's burst capacity: every window consumes ≥ 98% of what was offered",
+         f"{fmt(rate)} tasks/s offered, lowest window {fmt(ratio)}" + beside("min_consumed_ratio"),
+         verdict(None if ratio is None else ratio >= 0.98)],
+        ["Soak: publish-to-start p99 ≤ 50 ms in every window",
+         f"highest window p99 {fmt(p99)} ms" + beside("max_p99_ms", " ms", low=False),
+         verdict(None if p99 is None else p99 <= 50)],
+        ["Soak: `messages` table + indexes ≤ 30 MB at the end (backlog drained to < 100 tasks)",
+         f"{fmt(size)} MB, backlog {fmt(backlog)}",
+         verdict(None if size is None else size <= 30 and backlog is not None and backlog < 100)],
+        ["Soak: the claim path makes HOT updates (≥ 95% HOT) or none",
+         f"{fmt(updates)} updates, {'–' if hot is None else f'{hot:.0%}'} HOT", verdict(hot_ok)],
+    ]
+
+
+def machine_lines(meta: dict, scenarios: dict) -> list[str]:
     m = meta["machine"]
     rows = [["date (UTC)", m["date"]], ["CPU", f"{m['cpu']}, {m['cores']} cores"],
             ["memory", f"{m['memory_gb']} GB"], ["OS", m["os"]], ["Python", m["python"]],
@@ -161,7 +205,21 @@ def machine_lines(meta: dict) -> list[str]:
         else:
             text = f"unavailable: {info.get('unavailable')}"
         rows.append([f"broker `{name}`", text])
-    return table(["", ""], rows)
+    return table(["", ""], rows + server_rows(scenarios))
+
+
+def server_rows(scenarios: dict) -> list[list[str]]:
+    """Servers a scenario started for itself, with their version and settings."""
+    rows = []
+    for scenario_name, scenario in scenarios.items():
+        for broker, info in scenario.get("servers", {}).items():
+            settings = ", ".join(f"{k}={v}" for k, v in info.items()
+                                 if k not in ("server_version", "started_by", "messages_reloptions"))
+            table_options = ", ".join(info.get("messages_reloptions") or []) or "none"
+            rows.append([f"`{broker}` in {scenario_name}",
+                         f"PostgreSQL {info['server_version']}, started by {info['started_by']}: "
+                         f"{settings}; `messages` table options: {table_options}"])
+    return rows
 
 
 METHOD = """\
@@ -180,7 +238,14 @@ publish and ack durably to PostgreSQL (settings below; fsync must be on or the h
 to run; kombu-pg's lease claims and renewals alone skip the flush wait, since losing them only
 redelivers);
 RabbitMQ stores persistent messages without publisher confirms; Redis persists per its own
-settings below."""
+settings below.
+Two scenarios load a real `celery worker` for longer or from many sides: `producers` (4 and 16
+publisher processes at once into one prefork -c 2 or threads -c 8 worker) and `soak` (a fixed
+rate, 60% of kombu-pg's burst capacity, offered to every broker alike for minutes, measured
+window by window). The soak's kombu-pg runs on a PostgreSQL server the bench starts itself with
+stock settings (autovacuum on, fsync on), not on the server named above, since what a long run
+leaves in the table depends on autovacuum; that server's version and settings are in the
+machine table."""
 
 
 def section(results: dict) -> str:
@@ -195,7 +260,7 @@ def section(results: dict) -> str:
     out += [f"Note: {note}." for note in meta.get("notes", [])]
     out += ["", "### Targets", ""] + targets_table(results)
     out += ["", "### Machine", ""]
-    out += machine_lines(meta)
+    out += machine_lines(meta, results["scenarios"])
     out += ["", "### Results", "", "![throughput](bench/throughput.png)", "",
             "![latency](bench/latency.png)"]
     for name, scenario in results["scenarios"].items():
@@ -210,7 +275,40 @@ def section(results: dict) -> str:
         out += scenario_table(scenario)
         if name == "pgbench_limit":
             out += [""] + limit_table(results)
+        if name == "soak":
+            out += ["", "![soak](bench/soak.png)", ""] + soak_windows_table(scenario)
     return "\n".join(out) + "\n"
+
+
+def last_runs(scenario: dict) -> dict[str, dict]:
+    """Each broker's last successful run that has per-window series."""
+    runs = {}
+    for run in scenario["runs"]:
+        if run["error"] is None and run.get("details", {}).get("windows"):
+            runs[run["broker"]] = run
+    return runs
+
+
+def soak_windows_table(scenario: dict) -> list[str]:
+    runs = last_runs(scenario)
+    if not runs:
+        return []
+    header = ["window end (min)"]
+    for broker, run in runs.items():
+        header += [f"{broker}: started/s (offered)", "p99 ms"]
+        if "table_mb" in run["details"]["windows"][0]:
+            header += ["`messages` MB", "dead tuples", "HOT", "autovacuums"]
+    rows = []
+    for k, first in enumerate(next(iter(runs.values()))["details"]["windows"]):
+        row = [fmt(first["end_s"] / 60)]
+        for run in runs.values():
+            w = run["details"]["windows"][k]
+            row += [f"{fmt(w['consumed_per_s'])} ({fmt(w['offered_per_s'])})", fmt(w["p99_ms"])]
+            if "table_mb" in w:
+                row += [fmt(w["table_mb"]), fmt(w["dead_tuples"]),
+                        "–" if w["hot_ratio"] is None else f"{w['hot_ratio']:.0%}", fmt(w["autovacuum_runs"])]
+        rows.append(row)
+    return ["Per window, each broker's last run:", ""] + table(header, rows)
 
 
 # -- plots ------------------------------------------------------------------------------------
@@ -250,6 +348,46 @@ def bars(results: dict, picks: list[tuple[str, str]], path: Path, ylabel: str, t
     return True
 
 
+def soak_plot(scenario: dict, path: Path) -> bool:
+    """The soak's per-window series: consumed rate, p99 latency, kombu-pg's table and dead tuples."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in scenario.get("runs", []) if r["error"] is None and r.get("details", {}).get("windows")]
+    if not runs:
+        return False
+    panels = [("consumed_per_s", "tasks started per second (dashed: offered)"),
+              ("p99_ms", "publish-to-start p99 (ms)"),
+              ("table_mb", "kombu-pg: `messages` table + indexes (MB)"), ("dead_tuples", "kombu-pg: dead tuples")]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    colours = {}
+    for run in runs:
+        first = run["broker"] not in colours  # one legend entry per broker
+        colour = colours.setdefault(run["broker"], f"C{len(colours)}")
+        windows = run["details"]["windows"]
+        minutes = [w["end_s"] / 60 for w in windows]
+        for ax, (key, _) in zip(axes.flat, panels):
+            points = [(m, w[key]) for m, w in zip(minutes, windows) if w.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, color=colour,
+                        label=run["broker"] if first else None)
+        axes.flat[0].plot(minutes, [w["offered_per_s"] for w in windows], linestyle="--", color=colour, alpha=0.5)
+    for ax, (_, title) in zip(axes.flat, panels):
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
+    for ax in axes[1]:
+        ax.set_xlabel("minutes (window ends)")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"Soak at a fixed rate, per {scenario['params']['window']} s window "
+                 "(kombu-pg on a bench-started PostgreSQL, stock settings)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def provenance(scenario: dict, meta: dict) -> str:
     """Repetitions, date and commit of the run a scenario's numbers come from."""
     repeat = scenario.get("repeat", meta["repeat"])
@@ -263,7 +401,7 @@ def plot(results: dict) -> list[Path]:
     scenarios = results["scenarios"]
     metrics = {name: list(dict.fromkeys(m for b in s["summary"].values() for m in b))
                for name, s in scenarios.items()}
-    throughput = [(name, m) for name, ms in metrics.items() if name != "pgbench_limit"
+    throughput = [(name, m) for name, ms in metrics.items() if name not in ("pgbench_limit", "soak")
                   for m in ms if m.endswith(("msgs_per_s", "tasks_per_s"))]
     latency = [(name, m) for name, ms in metrics.items() if name in ("latency", "celery_e2e")
                for m in ms if m.endswith(("_p50_ms", "_p99_ms"))]
@@ -273,6 +411,8 @@ def plot(results: dict) -> list[Path]:
         written.append(THROUGHPUT_PNG)
     if bars(results, latency, LATENCY_PNG, "milliseconds (log)", "Latency (median over runs, min–max)"):
         written.append(LATENCY_PNG)
+    if "soak" in scenarios and soak_plot(scenarios["soak"], SOAK_PNG):
+        written.append(SOAK_PNG)
     return written
 
 

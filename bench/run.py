@@ -110,18 +110,22 @@ def run_once(module, params: dict, broker, attempts: int = 3) -> dict:
     for attempt in range(1, attempts + 1):
         load = os.getloadavg()[0]
         started = time.monotonic()
-        metrics, error, details = {}, None, None
+        metrics, error, trace, details = {}, None, None, None
         try:
             with broker.session() as env:
                 metrics = module.run(env, params)
+            if isinstance(metrics, tuple):  # (metrics, details): series and records of the run
+                metrics, details = metrics
         except Exception as exc:
-            details = traceback.format_exc()
+            trace = traceback.format_exc()
             # A child's error carries its traceback: its last line names the actual exception.
             error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-        run = {"metrics": metrics, "error": error, "traceback": details, "attempt": attempt,
+        run = {"metrics": metrics, "error": error, "traceback": trace, "attempt": attempt,
                "seconds": round(time.monotonic() - started, 1), "loadavg_before": load,
                "loadavg_after": os.getloadavg()[0]}
-        if error is None or "too many clients" not in details or attempt == attempts:
+        if details is not None:
+            run["details"] = details
+        if error is None or "too many clients" not in trace or attempt == attempts:
             return run
         print(f"  ({broker.name}: PostgreSQL out of connection slots, trying again)", flush=True)
         time.sleep(5)
@@ -205,6 +209,11 @@ def main(argv=None) -> int:
             "commit": results["meta"]["machine"]["git"],
             "brokers": [b.name for b in targets], "seconds": round(time.time() - started, 1),
             "runs": runs, "summary": summarize(runs)}
+        # Servers a scenario started for itself (the soak's PostgreSQL): kept with the scenario,
+        # so that merging other scenarios later does not lose them.
+        servers = {r["broker"]: r["details"]["server"] for r in runs if "server" in r.get("details", {})}
+        if servers:
+            results["scenarios"][name]["servers"] = servers
         results["meta"]["machine"]["loadavg_at_end"] = os.getloadavg()
         args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")  # after each scenario
     print_summary(results)
