@@ -43,8 +43,9 @@ def available() -> list[tuple[int, str, Path]]:
 
 
 def migrate(conn: psycopg.Connection, schema: str,
-            lock_timeout: float = Options.migrate_lock_timeout) -> list[int]:
-    """Bring ``schema`` up to date; returns the versions applied (empty if none were due).
+            lock_timeout: float = Options.migrate_lock_timeout, up_to: int | None = None) -> list[int]:
+    """Bring ``schema`` up to date (or to version ``up_to``); returns the versions applied
+    (empty if none were due).
 
     One transaction: concurrent migrators wait on the advisory lock (at most ``lock_timeout``
     seconds), then see the versions the first one recorded (PostgreSQL DDL is transactional,
@@ -60,7 +61,7 @@ def migrate(conn: psycopg.Connection, schema: str,
             conn.execute(q.create_migrations_table, {})
             done = {row[0] for row in conn.execute(q.applied_migrations, {})}
             for version, name, path in available():
-                if version in done:
+                if version in done or (up_to is not None and version > up_to):
                     continue
                 # A migration file holds several statements: sent without parameters, psycopg
                 # uses the simple query protocol, which accepts them in one call.
