@@ -58,6 +58,10 @@ class Options:
     #: Seconds a Celery task past its ``expires`` may wait for a consumer, which marks it
     #: REVOKED; then the sweeper moves it to the dead letters (reason ``expired``).
     expired_task_grace: float = 60.0
+    #: Seconds between vacuums of the messages table by the housekeeping process, when enough
+    #: dead rows piled up (autovacuum comes at most once a minute; 0 leaves it to autovacuum
+    #: alone). Needs a role that owns the table; others leave it to autovacuum.
+    vacuum_interval: float = 10.0
     #: Seconds to wait for a connection (pool checkout and connect).
     connect_timeout: float = 10.0
     #: Seconds a statement may take. The server cancels it after this; a server that stops

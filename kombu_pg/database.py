@@ -24,6 +24,7 @@ from .deadline import watchdog
 from .config import ConfigurationError, Options, scrub
 from .acker import Acker
 from .leases import LeaseKeeper
+from .vacuum import Vacuumer
 from .prepared import Pending, PreparedStatement
 from .queries import Queries, for_schema
 
@@ -57,6 +58,7 @@ class Database:
         self.lease_commit = "on" if options.durable_leases else "off"
         self.leases = LeaseKeeper(self)
         self.acker = Acker(self)
+        self.vacuumer = Vacuumer(self)
         self._notified: dict = {}  # destination -> monotonic time of its last NOTIFY
 
     # -- connections ------------------------------------------------------------------------

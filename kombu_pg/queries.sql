@@ -563,3 +563,19 @@ CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
 
 -- name: record_migration
 INSERT INTO {schema}.schema_migrations (version, name) VALUES (%(version)s, %(name)s)
+
+-- name: vacuum_due
+-- For the vacuum service (kombu_pg/vacuum.py): whether this role may vacuum the messages table
+-- (it owns it, directly or through a role; superusers may), and how many dead and live rows
+-- the statistics count (they lag by about a second, which is fine for a threshold).
+SELECT pg_has_role(current_user, c.relowner, 'USAGE'), s.n_dead_tup, s.n_live_tup
+FROM pg_class c
+LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
+WHERE c.relname = 'messages'
+  AND c.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = %(schema)s)
+
+-- name: vacuum_messages
+-- SKIP_LOCKED: if another vacuum (autovacuum, another process) works on it, skip this round.
+-- TRUNCATE false: giving empty pages at the end back to the OS takes an exclusive lock that
+-- would stall claims; the space is reused instead.
+VACUUM (SKIP_LOCKED, TRUNCATE false) {schema}.messages

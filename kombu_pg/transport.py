@@ -628,6 +628,7 @@ class Transport(virtual.Transport):
             buried = conn.execute(q.sweep_expired_tasks, {
                 "grace_s": self.options.expired_task_grace, "limit": 1000}).fetchall()
         self.db.reap()
+        self.db.vacuumer.maybe_vacuum()
         if queues_gone or expired:
             logger.info("kombu_pg: sweep removed %d message(s) of expired queues and %d expired "
                         "message(s)", queues_gone, expired)

@@ -10,6 +10,7 @@
 -- visible_at <= now() and it has no live lease.
 --
 -- Instant on a table of any size: a nullable column without a default is a catalog change.
+ALTER TABLE {schema}.messages SET (fillfactor = 50);
 ALTER TABLE {schema}.messages ADD COLUMN IF NOT EXISTS leased_until timestamptz;
 
 -- The reaper now scans for expired leases (they are few, and it runs in one process at a time);

@@ -1,0 +1,65 @@
+"""The vacuum service: keeps the messages table small under steady traffic.
+
+Every message leaves dead row versions behind (its claim, its ack), and only a vacuum makes
+their space reusable. Autovacuum visits a table at most once per ``autovacuum_naptime`` (a
+minute by default, a server-wide setting): at a few hundred tasks a second the table then
+holds a minute of dead rows, tens of megabytes, and claims and index scans wade through them.
+So the housekeeping process vacuums the table itself, every ``vacuum_interval`` seconds once
+enough dead rows piled up, in a thread of its own (the consumer goes on meanwhile). It needs to
+own the table; a role that does not is told once, and autovacuum alone does the job.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import psycopg
+
+logger = logging.getLogger(__name__)
+
+#: Vacuum once this many dead rows piled up, or a fifth of the live ones if that is more.
+MIN_DEAD_ROWS = 2000
+
+
+class Vacuumer:
+    def __init__(self, db):
+        self.db = db
+        self._next = 0.0
+        self._allowed: bool | None = None  # unknown until first asked
+        self._running = threading.Lock()
+
+    def maybe_vacuum(self) -> bool:
+        """Start a vacuum of the messages table if it is due and worth it; whether it did."""
+        interval = self.db.options.vacuum_interval
+        if not interval or self._allowed is False or time.monotonic() < self._next:
+            return False
+        self._next = time.monotonic() + interval
+        schema = self.db.options.schema
+        allowed, dead, live = self.db.run(self.db.q.vacuum_due, {"schema": schema}, fetch=True)[0]
+        self._allowed = allowed
+        if not allowed:
+            logger.info("kombu_pg: this role does not own %s.messages, so it may not vacuum it: "
+                        "autovacuum alone keeps it small", schema)
+            return False
+        if dead is None or dead < max(MIN_DEAD_ROWS, (live or 0) // 5):
+            return False
+        if not self._running.acquire(blocking=False):
+            return False  # the previous one is still at it
+        threading.Thread(target=self._vacuum, args=(dead,), name="kombu_pg-vacuum", daemon=True).start()
+        return True
+
+    def _vacuum(self, dead: int) -> None:
+        started = time.monotonic()
+        try:
+            # A dedicated connection: VACUUM runs outside any transaction, and without the
+            # statement_timeout of pooled connections (a bloated table may rightly take longer).
+            with self.db.connect(bounded=False, application_name="kombu-pg vacuum") as conn:
+                conn.execute(self.db.q.vacuum_messages, {})  # {}: a %% in a schema name is read back
+            logger.debug("kombu_pg: vacuumed %s.messages (%d dead rows) in %.0f ms",
+                         self.db.options.schema, dead, (time.monotonic() - started) * 1000)
+        except psycopg.Error as exc:  # the next round tries again; autovacuum still runs
+            logger.warning("kombu_pg: vacuum of %s.messages failed: %s", self.db.options.schema,
+                           " ".join(str(exc).split()))
+        finally:
+            self._running.release()
