@@ -18,8 +18,7 @@ import logging
 from collections.abc import Mapping
 
 from billiard.exceptions import WorkerLostError
-from celery.exceptions import WorkerShutdown
-from celery.exceptions import InvalidTaskError, TimeLimitExceeded
+from celery.exceptions import InvalidTaskError, TimeLimitExceeded, WorkerShutdown
 from celery.worker import state
 from celery.worker.consumer.consumer import Consumer
 from celery.worker.request import Request

@@ -375,7 +375,9 @@ WITH m AS (
     RETURNING id
 ), requeued AS (
     UPDATE {schema}.messages r
-    SET lease_token = NULL, visible_at = now()
+    -- visible_at stays: the message was ready, and it keeps its place in the queue (as a
+    -- RabbitMQ requeue does); only unindexed columns change.
+    SET lease_token = NULL, leased_until = NULL
     FROM m
     WHERE r.id = m.id AND m.delivery_count < m.cap
     RETURNING r.queue
