@@ -75,6 +75,14 @@ def run(cmd: list) -> int:
                 child.kill()
 
 
+def parallel(args: list) -> list:
+    """Spread the tests over the machine's cores (at most 4: each test process runs its own
+    PostgreSQL server and Celery workers), unless the arguments say otherwise."""
+    if any(a.startswith(("-n", "--numprocesses", "--dist")) or a == "no:xdist" for a in args):
+        return []
+    return ["--numprocesses=auto", "--maxprocesses=4"]
+
+
 def main(argv: list) -> int:
     if sys.version_info < (3, 11):
         sys.exit(f"dev.py: Python 3.11 or newer is needed, this is {sys.version.split()[0]}")
@@ -86,7 +94,7 @@ def main(argv: list) -> int:
             sys.exit(USAGE)
         code = run([str(PYTHON), "examples/demo.py"])
     else:
-        code = run([str(PYTHON), "-m", "pytest", *argv[1:]])
+        code = run([str(PYTHON), "-m", "pytest", *parallel(argv[1:]), *argv[1:]])
         if code == 5:  # pytest: no tests were collected
             print("dev.py: pytest collected no tests; treating that as a failure", file=sys.stderr)
             return 1
