@@ -93,6 +93,34 @@ def test_worker_behind_pgbouncer_runs_each_task_once(private_server, private_poo
     assert "PreparedStatement" not in log and "ERROR" not in log, log[-3000:]
 
 
+@pytest.mark.timeout(120)
+def test_nothing_prepared_or_set_reaches_other_clients_of_the_pooler(private_server, private_pooler, env,
+                                                                     kombu_conn, procs):
+    server = private_server()
+    bouncer = private_pooler(server, pool_size=1)  # every client gets the same server connection
+    conn = kombu_conn(bouncer.url)
+    queue = conn.SimpleQueue("shared")
+    for i in range(20):
+        queue.put({"n": i})
+    for _ in range(20):
+        queue.get(timeout=10).ack()
+    queue.close()
+    kombu_pg(procs, bouncer.url, env, "stats")
+    kombu_pg(procs, bouncer.url, env, "dlq", "list")
+    wait_for(lambda: waiting(server, env) == 0, 10, what="the acks to land")
+    # What another client of the pooler finds on that server connection.
+    with psycopg.connect(bouncer.url, autocommit=True, prepare_threshold=None) as other:
+        assert other.execute("SELECT name FROM pg_prepared_statements").fetchall() == []
+        assert other.execute("SHOW statement_timeout").fetchone()[0] == "0"
+
+
+def test_pooler_option_is_checked(env, kombu_conn):
+    conn = kombu_conn(pooler="sometimes")
+    with pytest.raises(ValueError) as info:
+        conn.connect()
+    assert "'pooler' must be one of 'auto', 'transaction', 'none'" in str(info.value)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_retries_dead_letters_and_cli_through_pgbouncer(private_server, private_pooler, env, make_app, procs):
@@ -147,6 +175,8 @@ def test_beat_sends_through_pgbouncer_with_a_direct_url(private_server, private_
     assert len(rows) >= 3 and {entry for entry, _ in rows} == {"tick"}
     assert {run["task_id"] for run in env.runs("beat-tick")} <= {task_id for _, task_id in rows}
     assert "Traceback" not in beat.log() and "lost" not in beat.log()
+    listed = kombu_pg(procs, bouncer.url, env, "beat", "list")  # the schedule, through the pooler
+    assert "tick" in listed.stdout
 
 
 @pytest.mark.timeout(120)
