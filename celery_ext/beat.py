@@ -43,9 +43,12 @@ Leader election and failover
 
     A leader that cannot renew its lease, or whose connection died, stops sending: before each
     tick it checks its local lease deadline, and the tick's transaction itself only succeeds
-    for the holder of an unexpired lease on the very session it was granted to. Behind a
-    transaction-pooling PgBouncer the session check does not apply (failover then takes the
-    lease time).
+    for the holder of an unexpired lease on the very session it was granted to.
+
+Behind a transaction pooler
+    Leadership is bound to a session, which a transaction pooler (PgBouncer
+    ``pool_mode=transaction``) does not keep: the scheduler's connection goes over the transport
+    option ``direct_url``, and without one beat exits at start with a one-line error saying so.
 
 Settings (app.conf): ``kombu_pg_beat_lease`` (10), ``kombu_pg_beat_refresh`` (1),
 ``kombu_pg_beat_tick_retention`` (seconds ``beat_ticks`` rows are kept, 86400).
@@ -73,7 +76,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from kombu_pg.atomic import enqueue_in
 from kombu_pg.beat_store import BeatStore, EntryDef, EntryError, EntryRow, check_crontab
-from kombu_pg.config import Options, scrub
+from kombu_pg.config import ConfigurationError, Options, scrub
 from kombu_pg.transport import Transport
 
 logger = logging.getLogger("kombu_pg.beat")
@@ -165,6 +168,7 @@ class Scheduler(beat.Scheduler):
         self.schema = (conf.broker_transport_options or {}).get("schema", Options.schema)
         self.store = BeatStore(self.schema)
         self._db = None  # the transport's kombu_pg.database.Database
+        self._session_conninfo = ""  # where the leader's session connects
         self._conn: psycopg.Connection | None = None
         self._leader = False
         self._lease_deadline = 0.0
@@ -196,6 +200,11 @@ class Scheduler(beat.Scheduler):
         if transport.options.schema != self.schema:
             self.schema = transport.options.schema
             self.store = BeatStore(self.schema)
+        try:
+            self._session_conninfo = self._db.session_conninfo("celery beat -S kombu_pg (leader election)")
+        except ConfigurationError as exc:  # one line and exit, as a worker does
+            logger.critical("kombu-pg: cannot use the broker: %s", exc)
+            raise SystemExit(1) from None
         self._config_entries = self._configured_entries()
         self.data = {}
         try:
@@ -491,10 +500,10 @@ class Scheduler(beat.Scheduler):
     # -- the connection ---------------------------------------------------------------------
 
     def _connect(self) -> None:
-        given = conninfo_to_dict(self._db.conninfo)
+        given = conninfo_to_dict(self._session_conninfo)
         extra = {"application_name": "kombu_pg_beat", "keepalives": 1,
                  "keepalives_idle": max(1, int(self.lease / 2)), "keepalives_interval": 1, "keepalives_count": 3}
-        conn = self._db.connect(**{k: v for k, v in extra.items() if k not in given})
+        conn = self._db.connect(self._session_conninfo, **{k: v for k, v in extra.items() if k not in given})
         # Nothing may outlast the lease: a statement, a lock wait, a transaction left open by a
         # leader that hangs (which would hold an entry's row lock against its successor).
         limit = f"{int(self.lease * 1000)}ms"
@@ -534,7 +543,8 @@ class Scheduler(beat.Scheduler):
                 pass
 
     def _scrub(self, exc: BaseException) -> str:
-        return scrub(str(exc), self._db.conninfo if self._db else None)
+        text = scrub(str(exc), self._session_conninfo or None)
+        return scrub(text, self._db.conninfo if self._db else None)
 
 
 def definition_of(entry: beat.ScheduleEntry) -> EntryDef:

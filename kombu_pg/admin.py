@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import psycopg
 
-from . import config, counters
+from . import config, counters, pooler
 from .queries import for_schema
 
 logger = logging.getLogger(__name__)
@@ -95,14 +95,16 @@ class Admin:
 
     def connect(self) -> psycopg.Connection:
         """A connection with the transport's default bounds on every wait (keepalives,
-        tcp_user_timeout, statement_timeout)."""
+        tcp_user_timeout, statement_timeout). Nothing is prepared by name, and behind a pooler
+        nothing is set on the session, which other clients of the pooler would share."""
         try:
-            conn = psycopg.connect(self.conninfo, autocommit=True,
+            conn = psycopg.connect(self.conninfo, autocommit=True, prepare_threshold=None,
                                    **self.options.connection_kwargs(self.conninfo))
         except psycopg.OperationalError as exc:
             raise psycopg.OperationalError(
                 f"cannot connect to {self.description}: {config.scrub(exc, self.conninfo)}") from None
-        conn.execute(self.q.session_setup, self.options.session_params())
+        if not pooler.detect(conn, self.q):
+            conn.execute(self.q.session_setup, self.options.session_params())
         return conn
 
     def dead_letters(self, filter: Filter = Filter(), *, after: int = 0,

@@ -19,6 +19,7 @@ KOMBU_OPTIONS = frozenset({
 
 
 POLICY_KEYS = ("max_attempts", "backoff_base", "backoff_cap")
+POOLERS = ("auto", "transaction", "none")
 
 
 class ConfigurationError(ValueError):
@@ -42,10 +43,18 @@ class Options:
     #: Seconds a client that has migrations to apply waits for another session's migration
     #: lock before it fails. Longer than connect_timeout: a migration may take a while.
     migrate_lock_timeout: float = 30.0
-    #: Use LISTEN/NOTIFY wake-ups. False polls only (e.g. behind PgBouncer transaction pooling).
+    #: Use LISTEN/NOTIFY wake-ups. False polls only (every polling_interval).
     listen: bool = True
-    #: A separate URL for the LISTEN connection (e.g. directly to PostgreSQL, bypassing a pooler).
+    #: A separate URL for the LISTEN connection; by default direct_url, else the broker URL.
     listen_url: str | None = None
+    #: What the broker URL leads to: "transaction" for a transaction-pooling pooler (PgBouncer
+    #: pool_mode=transaction): no prepared statements and no session state, and what needs a
+    #: session goes over direct_url. "none" for PostgreSQL itself or a session-pooling pooler.
+    #: "auto" detects a pooler on the first connection and then acts as for "transaction".
+    pooler: str = "auto"
+    #: A URL straight to PostgreSQL, for what needs a session of its own behind a transaction
+    #: pooler: LISTEN wake-ups (without it consumers poll) and beat's leader election.
+    direct_url: str | None = None
     #: Size limit of each process's connection pool. With 3 or more, a consumer claims its next
     #: batch while delivering the current one (that claim holds a connection meanwhile).
     max_connections: int = 4
@@ -120,6 +129,10 @@ class Options:
         for key in ("statement_timeout", "tcp_user_timeout", "keepalives_idle", "migrate_lock_timeout"):
             if getattr(options, key) <= 0:
                 raise ConfigurationError(f"transport option {key!r} must be > 0 seconds")
+        if options.pooler not in POOLERS:
+            raise ConfigurationError(
+                f"transport option 'pooler' must be one of {', '.join(map(repr, POOLERS))}, "
+                f"got {options.pooler!r}")
         if options.max_attempts < 1:
             raise ConfigurationError("transport option 'max_attempts' must be >= 1")
         for queue, overrides in options.queue_options.items():

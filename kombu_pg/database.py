@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -19,9 +20,9 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from . import counters, migrate
+from . import counters, migrate, pooler
 from .deadline import watchdog
-from .config import ConfigurationError, Options, scrub
+from .config import ConfigurationError, Options, mask_url, scrub, to_conninfo
 from .acker import Acker
 from .leases import LeaseKeeper
 from .vacuum import Vacuumer
@@ -47,9 +48,9 @@ class Database:
         self.options = options
         self.description = description  # the masked URL, for messages
         self.q: Queries = for_schema(options.schema)
-        # The hot path, without psycopg's execute machinery (see prepared.py).
-        self.prepared = {name: PreparedStatement(f"kombu_pg_{name}", getattr(self.q, name))
-                         for name in ("publish_direct", "publish_routed", "claim", "claim_no_ack")}
+        #: Straight to PostgreSQL, for what needs a session behind a transaction pooler.
+        self.direct_conninfo = to_conninfo(options.direct_url) if options.direct_url else None
+        self._pooled = {"transaction": True, "none": False}.get(options.pooler)  # None: detect
         self._pool: ConnectionPool | None = None
         self._pool_lock = threading.Lock()
         self._users = 0  # open transports using this database
@@ -63,21 +64,70 @@ class Database:
 
     # -- connections ------------------------------------------------------------------------
 
+    @property
+    def pooled(self) -> bool:
+        """Whether the broker URL leads to a transaction pooler (option ``pooler``; "auto" asks
+        one connection, once per process and URL)."""
+        if self._pooled is None:
+            seen = _pooler_seen.get(self.conninfo)
+            if seen is None:
+                seen = _pooler_seen[self.conninfo] = self._detect_pooler()
+            self._pooled = seen
+        return self._pooled
+
+    def _detect_pooler(self) -> bool:
+        with self._open(self.conninfo, prepare_threshold=None) as conn:
+            with watchdog.guard(conn, self.options.statement_deadline):
+                found = pooler.detect(conn, self.q)
+        if found:
+            logger.info("kombu_pg: %s leads to a pooler: no prepared statements, no session "
+                        "settings; LISTEN and beat's leader election use direct_url (set the "
+                        "transport option pooler='none' for a session-pooling pooler)", self.description)
+        return found
+
+    @functools.cached_property
+    def prepared(self) -> dict[str, PreparedStatement]:
+        """The hot path, without psycopg's execute machinery (see prepared.py). Named, unless
+        behind a transaction pooler, whose clients share server connections and their names."""
+        prefix = None if self.pooled else "kombu_pg_"
+        return {name: PreparedStatement(prefix and prefix + name, getattr(self.q, name))
+                for name in ("publish_direct", "publish_routed", "claim", "claim_no_ack")}
+
+    def session_conninfo(self, feature: str) -> str:
+        """Where ``feature``, which needs a session of its own, connects: direct_url, else the
+        broker URL unless that leads to a transaction pooler (then ConfigurationError)."""
+        if self.direct_conninfo:
+            return self.direct_conninfo
+        if self.pooled:
+            raise pooler.session_required(feature)
+        return self.conninfo
+
     def connect(self, conninfo: str | None = None, *, bounded: bool = True, **kwargs) -> psycopg.Connection:
         """A new dedicated connection; errors name the problem and never carry the password.
 
         ``bounded``: statements get the ``statement_timeout`` option (not for migrations, which
-        may rightly take longer)."""
+        may rightly take longer; nor behind a transaction pooler, where a session setting would
+        reach other clients: there the client-side deadline alone bounds a statement)."""
         conninfo = conninfo or self.conninfo
-        try:
-            conn = psycopg.connect(conninfo, autocommit=True,
-                                   **{**self.options.connection_kwargs(conninfo), **kwargs})
-        except psycopg.OperationalError as exc:
-            raise psycopg.OperationalError(
-                f"cannot connect to {self.description}: {scrub(exc, conninfo)}") from None
-        if bounded:
+        pooled = conninfo == self.conninfo and self.pooled
+        conn = self._open(conninfo, **self._pooled_kwargs(pooled), **kwargs)
+        if bounded and not pooled:
             self._configure(conn)
         return conn
+
+    def _open(self, conninfo: str, **kwargs) -> psycopg.Connection:
+        try:
+            return psycopg.connect(conninfo, autocommit=True,
+                                   **{**self.options.connection_kwargs(conninfo), **kwargs})
+        except psycopg.OperationalError as exc:
+            where = self.description if conninfo == self.conninfo else mask_url(conninfo)
+            raise psycopg.OperationalError(f"cannot connect to {where}: {scrub(exc, conninfo)}") from None
+
+    @staticmethod
+    def _pooled_kwargs(pooled: bool) -> dict:
+        # psycopg prepares a statement run 5 times under a name of its own (_pg3_0, ...): behind
+        # a transaction pooler another client meets it on the same server connection.
+        return {"prepare_threshold": None} if pooled else {}
 
     def _configure(self, conn: psycopg.Connection) -> None:
         """Session settings of every connection (the pool's too)."""
@@ -93,10 +143,12 @@ class Database:
         within connect_timeout)."""
         with self._pool_lock:
             if self._pool is None:
+                pooled = self.pooled
                 pool = ConnectionPool(
                     self.conninfo, min_size=1, max_size=self.options.max_connections,
-                    kwargs={"autocommit": True, **self.options.connection_kwargs(self.conninfo)},
-                    configure=self._configure, timeout=self.options.connect_timeout,
+                    kwargs={"autocommit": True, **self.options.connection_kwargs(self.conninfo),
+                            **self._pooled_kwargs(pooled)},
+                    configure=None if pooled else self._configure, timeout=self.options.connect_timeout,
                     name=f"kombu_pg[{os.getpid()}]", open=True)
                 # Wait for that connection: a statement asking for one before it is up makes
                 # the pool open a second one meanwhile, in a thread that competes for the GIL
@@ -289,6 +341,8 @@ class Database:
 
 
 _registry: dict[tuple, Database] = {}
+#: conninfo -> whether it leads to a pooler, as detected (forked children know it too).
+_pooler_seen: dict[str, bool] = {}
 
 
 @atexit.register

@@ -8,6 +8,10 @@ once per connection under a name of its own and run with ``PQexecPrepared`` in t
 (libpq releases the GIL while it waits), or sent now and read later (``send``/``receive``), so
 that a consumer delivers one batch while the server leases the next. Errors are psycopg's own
 exception classes, so callers handle them as they would from ``execute``.
+
+Behind a transaction pooler (PgBouncer pool_mode=transaction) clients share server connections,
+and with them the names of prepared statements: a statement without a name is sent with its
+text each time instead (``PQexecParams``), which the server parses anew.
 """
 from __future__ import annotations
 
@@ -25,8 +29,9 @@ _PLACEHOLDER = re.compile(r"%%|%\((\w+)\)s")
 
 
 class PreparedStatement:
-    def __init__(self, name: str, query: str):
-        self.name = name.encode()
+    def __init__(self, name: str | None, query: str):
+        """``name`` None: never prepared, the text is sent with every execution."""
+        self.name = name.encode() if name else None
         self.params: list[str] = []  # the %(name)s placeholders, in $n order
 
         def number(match):
@@ -44,6 +49,8 @@ class PreparedStatement:
         """Run on ``conn`` (autocommit, idle); rows with every column as str or None."""
         pgconn, encoding = conn.pgconn, conn.info.encoding
         values = self._values(conn, params)
+        if self.name is None:
+            return _rows(_check(pgconn.exec_params(self.text, values), pgconn, encoding), encoding)
         try:
             result = _check(pgconn.exec_prepared(self.name, values), pgconn, encoding)
         except errors.InvalidSqlStatementName:  # deallocated (DISCARD ALL, a pooler): once more
@@ -55,7 +62,10 @@ class PreparedStatement:
         """Start running on ``conn``; :meth:`receive` waits for the rows. Nothing else may use
         ``conn`` in between. Returns the values sent, which ``receive`` needs."""
         values = self._values(conn, params)
-        conn.pgconn.send_query_prepared(self.name, values)
+        if self.name is None:
+            conn.pgconn.send_query_params(self.text, values)
+        else:
+            conn.pgconn.send_query_prepared(self.name, values)
         conn.wait(generators.send(conn.pgconn))
         return values
 
@@ -72,7 +82,7 @@ class PreparedStatement:
             return _rows(_check(pgconn.exec_prepared(self.name, values), pgconn, encoding), encoding)
 
     def _values(self, conn: psycopg.Connection, params: dict) -> list[bytes | None]:
-        if conn not in self._prepared_on:
+        if self.name is not None and conn not in self._prepared_on:
             self._prepare(conn)
         encoding = conn.info.encoding
         return [_text(params[name], encoding) for name in self.params]

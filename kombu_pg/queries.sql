@@ -7,6 +7,11 @@
 -- (the client also gives up on a server that does not answer at all: kombu_pg/deadline.py).
 SELECT set_config('statement_timeout', %(statement_timeout)s, false)
 
+-- name: server_backend_pid
+-- Pooler detection (kombu_pg/pooler.py): a client of PostgreSQL itself got this process id in
+-- the handshake; a client of a pooler such as PgBouncer got a key the pooler made up instead.
+SELECT pg_backend_pid()
+
 -- name: fragment_lease_commit
 -- A CTE for the statements that take or extend a lease (claim, renew): `synchronous_commit` is
 -- 'on' by default (option durable_leases), so a lease survives a server crash or a failover to

@@ -502,6 +502,7 @@ class Transport(virtual.Transport):
                                                   client.password, client.virtual_host)
         self.db = database.get(conninfo, self.options, config.mask_url(conninfo))
         self._listen_conninfo = config.to_conninfo(self.options.listen_url) if self.options.listen_url else None
+        self._poll_only = not self.options.listen
         self._listener: Listener | None = None
         self._ready: set[str] = set()  # queues that may have deliverable messages
         self._due: dict[str, float] = {}  # queue -> monotonic time its next known message is due
@@ -580,6 +581,19 @@ class Transport(virtual.Transport):
             self._due[queue] = due
             if self._hub is not None:
                 self._hub.call_later(delay, self._on_due, queue)
+
+    def _listens(self) -> bool:
+        """Whether consumers get LISTEN wake-ups: over listen_url, direct_url, or the broker URL
+        unless it leads to a transaction pooler (then they poll). Decided on first use."""
+        if self._listen_conninfo is None and not self._poll_only:
+            try:
+                self._listen_conninfo = self.db.session_conninfo("LISTEN")
+            except config.ConfigurationError:
+                self._poll_only = True
+                logger.info("kombu_pg: behind a transaction pooler without direct_url: consumers "
+                            "poll every %gs (polling_interval) instead of LISTEN",
+                            self.options.polling_interval)
+        return not self._poll_only
 
     def _reconnect_listener(self) -> None:
         if self._hub is not None and self._listener is not None and self._listener.conn is not None:
@@ -813,7 +827,7 @@ class Transport(virtual.Transport):
         self._kick_send.setblocking(False)
         self._kicked = False
         loop.add_reader(self._kick_recv.fileno(), self._on_kick)
-        if self.options.listen:
+        if self._listens():
             self._reconnect_listener()
         loop.on_tick.add(self._on_tick)
         self._timer = loop.call_repeatedly(min(self.options.polling_interval, 1.0), self._hub_housekeeping)
@@ -862,7 +876,7 @@ class Transport(virtual.Transport):
 
     def drain_events(self, connection, timeout=None):
         deadline = None if timeout is None else monotonic() + timeout
-        if self.options.listen and self._listener is None:
+        if self._listener is None and self._listens():
             self._reconnect_listener()
         while True:
             self._housekeeping()

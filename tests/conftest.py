@@ -613,3 +613,27 @@ def private_server():
     yield make
     for server in servers:
         server.close()
+
+
+@pytest.fixture
+def private_pooler():
+    """Factory of PgBouncer instances owned by the test, in front of a server of its own
+    (kombu_pg/testing/pooler.py): transaction pooling unless told otherwise; all stopped at
+    teardown. Installs Debian's pgbouncer when it is missing; skips the test only if it cannot.
+    Request it after ``private_server`` and before ``procs``, so that teardown stops the workers,
+    then the pooler, then the server."""
+    from kombu_pg.testing.pooler import PoolerUnavailable, PrivatePooler
+
+    poolers = []
+
+    def make(server, **settings) -> PrivatePooler:
+        try:
+            pooler = PrivatePooler(server, **settings)
+        except PoolerUnavailable as exc:
+            pytest.skip(f"no PgBouncer: {exc}")
+        poolers.append(pooler)
+        return pooler
+
+    yield make
+    for pooler in poolers:
+        pooler.close()

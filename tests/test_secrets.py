@@ -62,11 +62,11 @@ def test_password_appears_nowhere(make_app, procs, env):
         clone.ensure_connection(max_retries=1)
 
 
-@pytest.mark.parametrize("option", [None, "listen_url"])
+@pytest.mark.parametrize("option", [None, "listen_url", "direct_url"])
 def test_connection_errors_do_not_show_the_password(env, option):
     # A Unix socket directory with no server: fails at once.
     unreachable = f"postgresql://kp_user:{SECRET}@/test?host=/nonexistent-kp-socket-dir"
-    url, options = (env.url, {"listen_url": unreachable}) if option else (unreachable, {})
+    url, options = (env.url, {option: unreachable}) if option else (unreachable, {})
     conn = kombu.Connection(url, transport_options=dict(env.transport_options, **options))
     try:
         with pytest.raises(Exception) as info:

@@ -33,17 +33,24 @@ def _bin_dir() -> Path:
     return Path(_commands.POSTGRES_BIN_PATH)
 
 
-def _run_as() -> list[str]:
+def service_user() -> str | None:
+    """The user that database services run as when we are root (they refuse to run as root):
+    ``postgres`` if there is one, else ``pgserver``; None when we are not root."""
     if os.geteuid() != 0:
-        return []
+        return None
     try:
         pwd.getpwnam("postgres")
-        return ["runuser", "-u", "postgres", "--"]
+        return "postgres"
     except KeyError:
         from pgserver.utils import ensure_user_exists
 
         ensure_user_exists("pgserver")
-        return ["runuser", "-u", "pgserver", "--"]
+        return "pgserver"
+
+
+def _run_as() -> list[str]:
+    user = service_user()
+    return ["runuser", "-u", user, "--"] if user else []
 
 
 def free_port() -> int:
