@@ -11,6 +11,8 @@ import select
 import psycopg
 from psycopg import sql
 
+from .failover import writable
+
 logger = logging.getLogger(__name__)
 
 
@@ -20,13 +22,21 @@ class Listener:
         self.conninfo = conninfo or db.conninfo
         self.channel = db.options.notify_channel
         self.conn: psycopg.Connection | None = None
+        self._generation = db.pool_generation
 
     def connect(self) -> int:
-        """(Re)connect and LISTEN; returns the socket to watch."""
+        """(Re)connect and LISTEN; returns the socket to watch. A standby refuses LISTEN:
+        ReadOnlyServer, a lost connection."""
         self.close()
+        self._generation = self.db.pool_generation
         self.conn = self.db.connect(self.conninfo)
-        self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+        with writable(self.conn):
+            self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
         return self.conn.fileno()
+
+    def outdated(self) -> bool:
+        """Connected before the pool was last replaced (after an outage or a failover)."""
+        return self.conn is not None and self._generation != self.db.pool_generation
 
     def fileno(self) -> int:
         return self.conn.fileno()

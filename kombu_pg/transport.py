@@ -495,7 +495,13 @@ class Transport(virtual.Transport):
         super().__init__(client, **kwargs)
         self.polling_interval = self.options.polling_interval
         hostname = client.hostname or ""
-        if "://" in hostname:
+        if "://" in hostname and len(client.alt) > 1:
+            conninfo = config.failover_conninfo(client.alt)
+            # libpq tries every host at each connect. Kombu would instead switch the connection
+            # to the next URL after an error, parsing it as an HTTP URL: libpq parameters fail
+            # that (a TypeError), a host list too, and the URL's options would be lost.
+            client.cycle = None
+        elif "://" in hostname:
             conninfo = config.to_conninfo(hostname)
         else:
             conninfo = config.conninfo_from_parts(hostname, client.port, client.userid,
@@ -602,6 +608,10 @@ class Transport(virtual.Transport):
         for queue, due in list(self._due.items()):
             if due <= now:
                 self._on_due(queue)
+        if self._listener is not None and self._listener.outdated():
+            # The pool was replaced (its server failed or stopped taking writes): the LISTEN
+            # session may be on the old server, which hears no publishes any more.
+            self._reconnect_listener()
         consumed = self.consumed_queues()
         if not consumed:
             return
@@ -619,7 +629,7 @@ class Transport(virtual.Transport):
         """Drop expired queues (x-expires) and messages (TTL), dead-letter expired tasks nobody
         took; one sweeper at a time."""
         q = self.db.q
-        with self.db.pool.connection() as conn, conn.transaction():
+        with self.db.connection() as conn, conn.transaction():
             if not conn.execute(q.sweep_try_lock, {"lock_key": hash_key(self.options.schema)}).fetchone()[0]:
                 return
             queues_gone = conn.execute(q.sweep_expired_queues, {
