@@ -167,7 +167,7 @@ class PrivateServer:
         standby._configure({})
         standby.start()
         if synchronous:
-            with psycopg.connect(self.url, autocommit=True, application_name="kp_fault_harness") as conn:
+            with self.connect() as conn:
                 conn.execute(sql.SQL("ALTER SYSTEM SET synchronous_standby_names = {}").format(sql.Literal(name)))
                 conn.execute("ALTER SYSTEM SET synchronous_commit = on")
                 conn.execute("SELECT pg_reload_conf()")
@@ -234,9 +234,13 @@ class PrivateServer:
                 os.kill(pid, signal.SIGCONT)
         self._frozen = []
 
+    def connect(self) -> psycopg.Connection:
+        """An autocommit superuser session, for the harness's own statements."""
+        return psycopg.connect(self.url, autocommit=True, application_name="kp_fault_harness")
+
     def terminate_clients(self) -> int:
         """pg_terminate_backend() every client session but this call's own; how many."""
-        with psycopg.connect(self.url, autocommit=True, application_name="kp_fault_harness") as conn:
+        with self.connect() as conn:
             return conn.execute(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                 " WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'"
