@@ -125,8 +125,7 @@ class Database:
     @contextlib.contextmanager
     def connection(self):
         """A pooled connection for several statements (no retry). A read-only server raises
-        ReadOnlyServer, a lost connection, and starts a new pool: the other pooled connections
-        are on that server too."""
+        ReadOnlyServer, a lost connection, and starts a new pool."""
         try:
             with self.pool.connection() as conn, writable(conn):
                 yield conn

@@ -564,8 +564,10 @@ class Transport(virtual.Transport):
         try:
             woken = self._listener.read() if wait is None else self._listener.wait(wait)
         except psycopg.OperationalError as exc:
-            logger.warning("kombu_pg: LISTEN connection lost (%s): reconnecting", exc)
+            # Raises if the server is gone: the consumer reconnects (and says so). A session the
+            # server closed on its own (idle_session_timeout) is back at once: no warning then.
             self._reconnect_listener()
+            logger.info("kombu_pg: LISTEN connection lost (%s): reconnected", " ".join(str(exc).split()))
             woken = dict.fromkeys(self.consumed_queues(), 0.0)  # anything may have been missed
         consumed = self.consumed_queues()
         now = monotonic()
