@@ -49,3 +49,27 @@ def test_worker_and_producer_idle_longer_than_the_server_allows(idle_closing_ser
     assert worker.alive()
     assert "Connection to broker lost" not in log
     assert not re.search(r"ERROR|CRITICAL|lease renewal failed|lost the lease", log), log
+
+
+PRODUCT = Path(__file__).resolve().parent.parent
+SETTING_CHANGES = re.compile(r"set_config\('(\w+)'|\bSET\s+(?:LOCAL|SESSION)\s+(\w+)", re.IGNORECASE)
+
+
+def product_sources() -> dict[Path, str]:
+    """The SQL and Python the product runs (not its test harness)."""
+    files = [*PRODUCT.glob("migrations/*.sql"), *PRODUCT.glob("kombu_pg/*.sql"),
+             *PRODUCT.glob("kombu_pg/*.py"), *PRODUCT.glob("celery_ext/*.py")]
+    return {path: path.read_text() for path in files}
+
+
+def test_no_extension_and_only_settings_any_role_may_change(env):
+    """Managed services grant no superuser: every setting a session changes must be one any
+    role may set (context 'user'), and the schema needs no extension."""
+    sources = product_sources()
+    assert len(sources) > 20
+    changed = {name.lower() for text in sources.values()
+               for match in SETTING_CHANGES.finditer(text) for name in match.groups() if name}
+    assert {"statement_timeout", "synchronous_commit", "lock_timeout"} <= changed
+    contexts = dict(env.db.query("SELECT name, context FROM pg_settings WHERE name = ANY(%s)", (sorted(changed),)))
+    assert contexts == dict.fromkeys(changed, "user"), contexts
+    assert not [path.name for path, text in sources.items() if re.search(r"create\s+extension", text, re.I)]
