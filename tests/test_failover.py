@@ -21,9 +21,13 @@ VISIBILITY_TIMEOUT = 10  # longer than the outage: leases held across it must st
 RESUME_BOUND = 30  # seconds from the promote to the first task run on the new primary
 
 
-def both_hosts(primary, standby) -> str:
-    return (f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/postgres"
-            "?target_session_attrs=read-write")
+def both_hosts(primary, standby, form: str) -> str:
+    """A URL naming both servers: libpq's host list, or a Kombu failover list (url1;url2), which
+    leaves target_session_attrs=read-write to the transport's default for several hosts."""
+    if form == "hosts":
+        return (f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/postgres"
+                "?target_session_attrs=read-write")
+    return f"{primary.url};{standby.url}"
 
 
 def fence(server) -> None:
@@ -35,11 +39,11 @@ def fence(server) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-@pytest.mark.parametrize("failure", ["stopped", "fenced"])
-def test_worker_and_producer_follow_a_promoted_standby(private_server, env, make_app, procs, failure):
+@pytest.mark.parametrize("failure, form", [("stopped", "hosts"), ("fenced", "failover list")])
+def test_worker_and_producer_follow_a_promoted_standby(private_server, env, make_app, procs, failure, form):
     primary = private_server()
     standby = private_server(standby_of=primary)
-    app = make_app(broker_url=both_hosts(primary, standby), visibility_timeout=VISIBILITY_TIMEOUT)
+    app = make_app(broker_url=both_hosts(primary, standby, form), visibility_timeout=VISIBILITY_TIMEOUT)
     task_ids = publish(app, TASKS, "failover")
     worker = procs.worker(app, pool="prefork", concurrency=2)
     wait_for(lambda: run_count(env, "failover") >= TASKS * 3 // 10, 120, interval=0.05,
