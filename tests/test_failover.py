@@ -63,6 +63,7 @@ def test_worker_and_producer_follow_a_promoted_standby(private_server, env, make
                       " OFFSET 19 LIMIT 1").format(sql.Identifier(env.app_schema))
     delay = wait_for(lambda: env.db.scalar(resumed, (promoted_at, promoted_at)), 120, interval=0.2,
                      what="20 task runs after the promote")
+    print(f"work resumed {delay.total_seconds():.1f} s after the promote")  # shown with -rP
     assert delay.total_seconds() < RESUME_BOUND, f"work resumed {delay} after the promote"
     assert_each_ran_once(env, standby, "failover", task_ids, settle=2 * VISIBILITY_TIMEOUT)
     assert worker.alive()
