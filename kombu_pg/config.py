@@ -237,8 +237,12 @@ def _password_of(conninfo: str) -> str | None:
 def to_conninfo(url: str) -> str:
     """A libpq connection URI for a broker URL, validated; query parameters are kept as they are.
 
-    ``pg://`` is ours only; libpq knows ``postgresql://`` and ``postgres://``.
+    ``pg://`` is ours only; libpq knows ``postgresql://`` and ``postgres://``. A Kombu failover
+    list (``url1;url2``) becomes one connection string naming every host (failover_conninfo).
     """
+    urls = url.split(";")
+    if len(urls) > 1 and all("://" in part for part in urls):
+        return failover_conninfo(urls)
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in SCHEMES:
         raise ConfigurationError(

@@ -495,8 +495,8 @@ class Transport(virtual.Transport):
         super().__init__(client, **kwargs)
         self.polling_interval = self.options.polling_interval
         hostname = client.hostname or ""
-        if "://" in hostname and len(client.alt) > 1:
-            conninfo = config.failover_conninfo(client.alt)
+        if "://" in hostname and len(client.alt) > 1:  # a failover list, url1;url2
+            conninfo = config.to_conninfo(";".join(client.alt))
             # libpq tries every host at each connect. Kombu would instead switch the connection
             # to the next URL after an error, parsing it as an HTTP URL: libpq parameters fail
             # that (a TypeError), a host list too, and the URL's options would be lost.

@@ -14,6 +14,7 @@ import pytest
 from psycopg import sql
 
 from conftest import wait_for
+from test_beat import beat_conf, start_beat
 from test_faults import assert_each_ran_once, publish, run_count
 
 TASKS = 1000
@@ -43,9 +44,11 @@ def fence(server) -> None:
 def test_worker_and_producer_follow_a_promoted_standby(private_server, env, make_app, procs, failure, form):
     primary = private_server()
     standby = private_server(standby_of=primary)
-    app = make_app(broker_url=both_hosts(primary, standby, form), visibility_timeout=VISIBILITY_TIMEOUT)
+    app = make_app(broker_url=both_hosts(primary, standby, form), visibility_timeout=VISIBILITY_TIMEOUT,
+                   conf=beat_conf({"tick": ("mark", 1, ["failover-beat"])}))
     task_ids = publish(app, TASKS, "failover")
     worker = procs.worker(app, pool="prefork", concurrency=2)
+    beat = start_beat(procs, app, "beat")
     wait_for(lambda: run_count(env, "failover") >= TASKS * 3 // 10, 120, interval=0.05,
              what=lambda: f"{TASKS * 3 // 10} runs before the failover (have {run_count(env, 'failover')})")
 
@@ -66,5 +69,8 @@ def test_worker_and_producer_follow_a_promoted_standby(private_server, env, make
     print(f"work resumed {delay.total_seconds():.1f} s after the promote")  # shown with -rP
     assert delay.total_seconds() < RESUME_BOUND, f"work resumed {delay} after the promote"
     assert_each_ran_once(env, standby, "failover", task_ids, settle=2 * VISIBILITY_TIMEOUT)
-    assert worker.alive()
-    assert "Traceback" not in worker.log()
+    ticks_since = sql.SQL("SELECT count(*) FROM {}.runs WHERE label = 'failover-beat' AND started_at > %s").format(
+        sql.Identifier(env.app_schema))
+    assert env.db.scalar(ticks_since, (promoted_at,)) >= 5, "beat did not carry on after the failover"
+    assert worker.alive() and beat.alive()
+    assert "Traceback" not in worker.log() + beat.log()
