@@ -19,7 +19,7 @@ from test_faults import assert_each_ran_once, publish, run_count
 
 TASKS = 1000
 VISIBILITY_TIMEOUT = 10  # longer than the outage: leases held across it must stay the worker's
-RESUME_BOUND = 30  # seconds from the promote to the first task run on the new primary
+RESUME_BOUND = 30  # seconds from the promote until work goes on (20 runs) on the new primary
 
 
 def both_hosts(primary, standby, form: str) -> str:
