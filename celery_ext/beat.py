@@ -91,7 +91,9 @@ RETRY_DELAY = 5.0
 PRUNE_EVERY = 60.0
 #: Most missed crontab ticks walked through to find the latest one.
 MAX_COALESCE = 100_000
-CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+#: A server that accepts no writes (a standby, a primary being demoted in a failover) counts
+#: as a lost connection too: a new one lets libpq pick the read-write host.
+CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.ReadOnlySqlTransaction)
 
 
 class Entry(beat.ScheduleEntry):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -157,7 +156,10 @@ class Options:
         return {"statement_timeout": f"{round(self.statement_timeout * 1000)}ms"}
 
     def connection_kwargs(self, conninfo: str) -> dict:
-        """libpq parameters bounding every wait on the server, unless the URL sets them itself."""
+        """libpq parameters bounding every wait on the server, unless the URL sets them itself;
+        with several hosts, the one that takes writes (all our sessions write), so that after a
+        failover libpq skips the old primary and the standbys."""
+        given = conninfo_to_dict(conninfo)
         wanted = {
             "connect_timeout": max(1, round(self.connect_timeout)),
             "keepalives": 1,
@@ -166,7 +168,8 @@ class Options:
             "keepalives_count": 3,
             "tcp_user_timeout": max(1, round(self.tcp_user_timeout * 1000)),
         }
-        given = conninfo_to_dict(conninfo)
+        if "," in str(given.get("host") or given.get("hostaddr") or ""):
+            wanted["target_session_attrs"] = "read-write"
         return {key: value for key, value in wanted.items() if key not in given}
 
 
@@ -192,24 +195,25 @@ def _coerce(key, type_name, value):
     raise ConfigurationError(f"transport option {key!r} must be a {type_name}, got {value!r}")
 
 
-_NETLOC_PASSWORD = re.compile(r"(://[^/@:]*:)[^@/]*@")
+#: Secrets among libpq parameters: in a URL's query, and in a ``key=value`` conninfo string
+#: (whose values may be quoted, with backslash escapes).
+_QUERY_SECRET = re.compile(r"([?&](?:ssl)?password=)[^&#]*", re.IGNORECASE)
+_KEYWORD_SECRET = re.compile(r"(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)", re.IGNORECASE)
 
 
 def mask_url(url: str, mask: str = "**") -> str:
-    """The URL with its password (in the user info or a ``password=`` parameter) masked."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, _, hosts = netloc.rpartition("@")
-            if ":" in userinfo:
-                userinfo = userinfo.split(":", 1)[0] + ":" + mask
-            netloc = f"{userinfo}@{hosts}"
-        query = urlencode([(k, mask if k == "password" else v)
-                           for k, v in parse_qsl(parts.query, keep_blank_values=True)], safe="/*")
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    except ValueError:
-        return _NETLOC_PASSWORD.sub(rf"\1{mask}@", url)
+    """The URL with its password (in the user info or a ``password=`` parameter) masked, and
+    nothing else changed: host lists, an empty host (``postgresql:///db?host=h1,h2``) and the
+    parameters stay as written. A libpq ``key=value`` string has its password masked too."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return _KEYWORD_SECRET.sub(lambda m: m.group(1) + mask, url)
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.split(':', 1)[0]}:{mask}@{hosts}"
+    return f"{scheme}://{netloc}{_QUERY_SECRET.sub(lambda m: m.group(1) + mask, tail)}"
 
 
 #: A URL carrying a password: in its user info, or as a ``password=`` query parameter.
@@ -250,8 +254,12 @@ def _password_of(conninfo: str) -> str | None:
 def to_conninfo(url: str) -> str:
     """A libpq connection URI for a broker URL, validated; query parameters are kept as they are.
 
-    ``pg://`` is ours only; libpq knows ``postgresql://`` and ``postgres://``.
+    ``pg://`` is ours only; libpq knows ``postgresql://`` and ``postgres://``. A Kombu failover
+    list (``url1;url2``) becomes one connection string naming every host (failover_conninfo).
     """
+    urls = url.split(";")
+    if len(urls) > 1 and all("://" in part for part in urls):
+        return failover_conninfo(urls)
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in SCHEMES:
         raise ConfigurationError(
@@ -263,6 +271,28 @@ def to_conninfo(url: str) -> str:
         raise ConfigurationError(
             f"invalid PostgreSQL broker URL {mask_url(url)!r}: {scrub(exc, conninfo)}") from None
     return conninfo
+
+
+def failover_conninfo(urls: list[str]) -> str:
+    """One libpq connection string naming the hosts of every URL of a Kombu failover list
+    (``url1;url2``), in order: libpq tries them at each connect, and with several hosts takes
+    the read-write one (see Options.connection_kwargs). The URLs may differ only in their hosts
+    and ports."""
+    hosts, ports, common = [], [], None
+    for url in urls:
+        params = conninfo_to_dict(to_conninfo(url))
+        host = str(params.pop("host", "")).split(",")
+        port = str(params.pop("port", "")).split(",")
+        hosts += host
+        ports += port * len(host) if len(port) == 1 else port
+        if common is None:
+            common = params
+        elif params != common:
+            raise ConfigurationError(
+                f"the URLs of the failover list {masked(';'.join(urls))!r} differ in more than hosts "
+                "and ports: write one URL naming every host, e.g. "
+                "postgresql://user@host1:5432,host2:5432/db?target_session_attrs=read-write")
+    return make_conninfo(**common, host=",".join(hosts), port=",".join(ports))
 
 
 def conninfo_from_parts(hostname, port, userid, password, virtual_host) -> str:

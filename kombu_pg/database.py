@@ -7,6 +7,7 @@ connection inherited across fork would end the parent's session), and new ones a
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as dt
 import functools
 import json
@@ -22,6 +23,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import counters, migrate, pooler
 from .deadline import watchdog
+from .failover import ReadOnlyServer, writable
 from .config import ConfigurationError, Options, mask_url, scrub, to_conninfo
 from .acker import Acker
 from .leases import LeaseKeeper
@@ -38,7 +40,8 @@ NOTIFY_DEBOUNCE_SECONDS = 0.005
 #: debounce window plus a publish round trip).
 FOLLOW_UP_SECONDS = 0.025
 
-#: Errors after which the statement may be retried once on a fresh connection.
+#: Errors after which the statement may be retried once on a fresh connection (ReadOnlyServer,
+#: a session on a server that accepts no writes, is an OperationalError).
 CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
 
@@ -53,6 +56,9 @@ class Database:
         self._pooled = {"transaction": True, "none": False}.get(options.pooler)  # None: detect
         self._pool: ConnectionPool | None = None
         self._pool_lock = threading.Lock()
+        #: Counts pools discarded: a connection made before the last discard may be on a server
+        #: that failed or was demoted since (the LISTEN connection reconnects then).
+        self.pool_generation = 0
         self._users = 0  # open transports using this database
         self._ready = False
         #: synchronous_commit of lease statements (see fragment_lease_commit in queries.sql).
@@ -165,9 +171,21 @@ class Database:
         attempts may still be blocked on the server."""
         with self._pool_lock:
             pool, self._pool = self._pool, None
+            self.pool_generation += 1
         if pool is not None:
             threading.Thread(target=pool.close, kwargs={"timeout": self.options.connect_timeout},
                              name="kombu_pg-pool-close", daemon=True).start()
+
+    @contextlib.contextmanager
+    def connection(self):
+        """A pooled connection for several statements (no retry). A read-only server raises
+        ReadOnlyServer, a lost connection, and starts a new pool."""
+        try:
+            with self.pool.connection() as conn, writable(conn):
+                yield conn
+        except ReadOnlyServer:
+            self._discard_pool()
+            raise
 
     def acquire(self) -> None:
         """A transport (Kombu connection) starts using this database."""
@@ -204,7 +222,8 @@ class Database:
     def run(self, query: str | PreparedStatement, params: Any = None, *, fetch: bool = False):
         """Execute one statement on a pooled connection: rows if ``fetch``, else the row count.
 
-        A statement that fails because its connection broke is retried on a fresh one: all
+        A statement that fails because its connection broke, or because its server accepts no
+        writes (a standby, a primary being demoted: see failover.py), is retried on a fresh one: all
         our statements are safe to repeat (acks, releases and renewals match a lease token; a
         repeated publish is at worst a duplicate, which at-least-once delivery allows).
         A server that does not answer at all costs at most the statement deadline, then
@@ -214,14 +233,15 @@ class Database:
         attempts = self.options.max_connections + 1
         for attempt in range(1, attempts + 1):
             try:
-                with self.pool.connection() as conn, watchdog.guard(conn, self.options.statement_deadline):
+                with self.pool.connection() as conn, writable(conn), \
+                        watchdog.guard(conn, self.options.statement_deadline):
                     if isinstance(query, PreparedStatement):
                         rows = query.execute(conn, params)
                         return rows if fetch else len(rows)
                     cur = conn.execute(query, params)
                     return cur.fetchall() if fetch else cur.rowcount
             except CONNECTION_ERRORS as exc:
-                if isinstance(exc, PoolTimeout):
+                if isinstance(exc, (PoolTimeout, ReadOnlyServer)):
                     self._discard_pool()
                 if attempt == attempts or isinstance(exc, PoolTimeout):
                     raise psycopg.OperationalError(

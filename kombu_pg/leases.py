@@ -5,7 +5,9 @@ it is running, prefetched or waiting. A dedicated thread with its own connection
 leases about every third of the visibility timeout, in one statement, so that renewal goes on
 while the consumer's thread is busy (in the solo pool, the task runs inside the event loop). A
 renewal that fails (the server restarts, the connection was killed) is tried again every
-second on a fresh connection, not a third of the timeout later.
+second on a fresh connection, not a third of the timeout later. A connection found broken when
+a round starts (the server closed it while idle: idle_session_timeout) or on a server that no
+longer takes writes (a failover) is replaced at once, within the round.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import threading
 import psycopg
 
 from .deadline import watchdog
+from .failover import writable
 
 logger = logging.getLogger(__name__)
 
@@ -80,13 +83,15 @@ class LeaseKeeper:
         if not held:
             self._close()  # nothing to renew: give the server its connection back
             return 0
-        if self._conn is None or self._conn.closed:
-            self._conn = self.db.connect()
         ids, tokens = list(held), list(held.values())
-        with watchdog.guard(self._conn, self.db.options.statement_deadline):
-            renewed = {row[0] for row in self._conn.execute(self.db.q.renew, {
-                "ids": ids, "tokens": tokens, "lease_seconds": self.lease_seconds,
-                "synchronous_commit": self.db.lease_commit})}
+        reused = self._conn is not None and not self._conn.closed
+        try:
+            renewed = self._renew(ids, tokens)
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            if not reused:
+                raise
+            self._close()
+            renewed = self._renew(ids, tokens)
         lost = [i for i in ids if i not in renewed]
         if lost:
             with self._lock:
@@ -99,6 +104,14 @@ class LeaseKeeper:
                                "they may be delivered again", len(gone), gone[:10])
         logger.debug("kombu_pg: renewed %d lease(s)", len(renewed))
         return len(renewed)
+
+    def _renew(self, ids: list[int], tokens: list[str]) -> set[int]:
+        if self._conn is None or self._conn.closed:
+            self._conn = self.db.connect()
+        with writable(self._conn), watchdog.guard(self._conn, self.db.options.statement_deadline):
+            return {row[0] for row in self._conn.execute(self.db.q.renew, {
+                "ids": ids, "tokens": tokens, "lease_seconds": self.lease_seconds,
+                "synchronous_commit": self.db.lease_commit})}
 
     def _close(self) -> None:
         if self._conn is not None:

@@ -11,6 +11,8 @@ import select
 import psycopg
 from psycopg import sql
 
+from .failover import writable
+
 logger = logging.getLogger(__name__)
 
 
@@ -20,16 +22,32 @@ class Listener:
         self.conninfo = conninfo or db.conninfo
         self.channel = db.options.notify_channel
         self.conn: psycopg.Connection | None = None
+        self._fd = -1
+        self._generation = db.pool_generation
 
     def connect(self) -> int:
-        """(Re)connect and LISTEN; returns the socket to watch."""
+        """(Re)connect and LISTEN; returns the socket to watch. A standby refuses LISTEN:
+        ReadOnlyServer, a lost connection."""
         self.close()
+        self._generation = self.db.pool_generation
         self.conn = self.db.connect(self.conninfo)
-        self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
-        return self.conn.fileno()
+        try:
+            with writable(self.conn):
+                self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+        except psycopg.Error:
+            self.close()
+            raise
+        self._fd = self.conn.fileno()
+        return self._fd
+
+    def outdated(self) -> bool:
+        """Connected before the pool was last replaced (after an outage or a failover)."""
+        return self.conn is not None and self._generation != self.db.pool_generation
 
     def fileno(self) -> int:
-        return self.conn.fileno()
+        """The socket as of connect(), also once the connection is lost (psycopg then raises),
+        so that an event loop watching it can stop."""
+        return self._fd
 
     def read(self) -> dict[str, float]:
         """Queues notified since the last read, with the seconds until their message is visible

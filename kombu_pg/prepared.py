@@ -23,6 +23,7 @@ import psycopg
 from psycopg import errors, generators, pq
 
 from .deadline import watchdog
+from .failover import writable
 
 # psycopg's placeholder syntax: %(name)s, and %% for a literal % (in a schema name).
 _PLACEHOLDER = re.compile(r"%%|%\((\w+)\)s")
@@ -110,7 +111,8 @@ class Pending:
 
     def result(self) -> list[tuple]:
         try:
-            return self._statement.receive(self._conn, self._values)
+            with writable(self._conn):
+                return self._statement.receive(self._conn, self._values)
         finally:
             self._done()
 

@@ -495,7 +495,13 @@ class Transport(virtual.Transport):
         super().__init__(client, **kwargs)
         self.polling_interval = self.options.polling_interval
         hostname = client.hostname or ""
-        if "://" in hostname:
+        if "://" in hostname and len(client.alt) > 1:  # a failover list, url1;url2
+            conninfo = config.to_conninfo(";".join(client.alt))
+            # libpq tries every host at each connect. Kombu would instead switch the connection
+            # to the next URL after an error, parsing it as an HTTP URL: libpq parameters fail
+            # that (a TypeError), a host list too, and the URL's options would be lost.
+            client.cycle = None
+        elif "://" in hostname:
             conninfo = config.to_conninfo(hostname)
         else:
             conninfo = config.conninfo_from_parts(hostname, client.port, client.userid,
@@ -559,8 +565,10 @@ class Transport(virtual.Transport):
         try:
             woken = self._listener.read() if wait is None else self._listener.wait(wait)
         except psycopg.OperationalError as exc:
-            logger.warning("kombu_pg: LISTEN connection lost (%s): reconnecting", exc)
+            # Raises if the server is gone: the consumer reconnects (and says so). A session the
+            # server closed on its own (idle_session_timeout) is back at once: no warning then.
             self._reconnect_listener()
+            logger.info("kombu_pg: LISTEN connection lost (%s): reconnected", " ".join(str(exc).split()))
             woken = dict.fromkeys(self.consumed_queues(), 0.0)  # anything may have been missed
         consumed = self.consumed_queues()
         now = monotonic()
@@ -616,6 +624,10 @@ class Transport(virtual.Transport):
         for queue, due in list(self._due.items()):
             if due <= now:
                 self._on_due(queue)
+        if self._listener is not None and self._listener.outdated():
+            # The pool was replaced (its server failed or stopped taking writes): the LISTEN
+            # session may be on the old server, which hears no publishes any more.
+            self._reconnect_listener()
         consumed = self.consumed_queues()
         if not consumed:
             return
@@ -633,7 +645,7 @@ class Transport(virtual.Transport):
         """Drop expired queues (x-expires) and messages (TTL), dead-letter expired tasks nobody
         took; one sweeper at a time."""
         q = self.db.q
-        with self.db.pool.connection() as conn, conn.transaction():
+        with self.db.connection() as conn, conn.transaction():
             if not conn.execute(q.sweep_try_lock, {"lock_key": hash_key(self.options.schema)}).fetchone()[0]:
                 return
             queues_gone = conn.execute(q.sweep_expired_queues, {

@@ -605,8 +605,9 @@ def private_server():
 
     servers = []
 
-    def make(**settings) -> PrivateServer:
-        server = PrivateServer(**settings)
+    def make(standby_of: PrivateServer | None = None, **settings) -> PrivateServer:
+        """A new server, or with ``standby_of`` a synchronous standby of that one."""
+        server = standby_of.add_standby(**settings) if standby_of else PrivateServer(**settings)
         servers.append(server)
         return server
 

@@ -8,6 +8,7 @@ import kombu
 import psycopg
 import psycopg.sql
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from conftest import console_script, unique, wait_for, with_query
 
@@ -88,6 +89,32 @@ def test_url_query_parameters_reach_libpq(env):
             "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = %s",
             (name,))
         assert ssl and not any(row[0] for row in ssl)
+
+
+def several_hosts(env, form: str) -> str:
+    """The test server's URL naming a host with no server first, then the server, in ``form``."""
+    params = conninfo_to_dict(env.url)
+    host, port = params.pop("host", "localhost"), params.pop("port", "5432")
+    user, dbname = params.pop("user", ""), params.pop("dbname", "")
+    extra = "".join(f"&{key}={value}" for key, value in params.items())
+    dead = "/nonexistent-kp-socket-dir"
+    if form == "hosts":
+        return f"postgresql://{user}@/{dbname}?host={dead},{host}&port={port},{port}{extra}"
+    return ";".join(f"postgresql://{user}@/{dbname}?host={h}&port={port}{extra}" for h in (dead, host))
+
+
+@pytest.mark.parametrize("form", ["hosts", "failover list"])
+def test_several_hosts_reach_libpq(env, form):
+    """libpq tries the hosts in order; a Kombu failover list (url1;url2) becomes one such URL."""
+    url = several_hosts(env, form)
+    with kombu.Connection(url, transport_options=env.transport_options) as conn:
+        simple = conn.SimpleQueue("hosts")
+        simple.put(form)
+        message = simple.get(timeout=5)
+        assert message.payload == form
+        message.ack()
+        if form == "hosts" and "password" not in url:
+            assert conn.as_uri() == url  # shown as written: the host list, the empty host
 
 
 @pytest.mark.parametrize("bad, problem", [
