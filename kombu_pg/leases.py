@@ -81,7 +81,7 @@ class LeaseKeeper:
             self._close()  # nothing to renew: give the server its connection back
             return 0
         if self._conn is None or self._conn.closed:
-            self._conn = self.db.connect()
+            self._conn = self.db.connect(role="lease")
         ids, tokens = list(held), list(held.values())
         with watchdog.guard(self._conn, self.db.options.statement_deadline):
             renewed = {row[0] for row in self._conn.execute(self.db.q.renew, {

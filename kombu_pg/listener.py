@@ -14,18 +14,25 @@ from psycopg import sql
 logger = logging.getLogger(__name__)
 
 
+#: Payload prefix of the NOTIFY a new binding sends: "bind <exchange>" (see Database.unroutable).
+BIND_PREFIX = "bind "
+
+
 class Listener:
     def __init__(self, db, conninfo: str | None = None):
         self.db = db
         self.conninfo = conninfo or db.conninfo
         self.channel = db.options.notify_channel
         self.conn: psycopg.Connection | None = None
+        self._up = False  # counted in db.listening()
 
     def connect(self) -> int:
         """(Re)connect and LISTEN; returns the socket to watch."""
         self.close()
-        self.conn = self.db.connect(self.conninfo)
+        self.conn = self.db.connect(self.conninfo, role="listen")
         self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+        self._up = True
+        self.db.listening(True)
         return self.conn.fileno()
 
     def fileno(self) -> int:
@@ -42,7 +49,11 @@ class Listener:
         pgconn.consume_input()
         woken: dict[str, float] = {}
         while (note := pgconn.notifies()) is not None:
-            delay_ms, _, queue = note.extra.decode().partition(" ")
+            payload = note.extra.decode()
+            if payload.startswith(BIND_PREFIX):
+                self.db.bound()
+                continue
+            delay_ms, _, queue = payload.partition(" ")
             delay = int(delay_ms) / 1000 if delay_ms.isdigit() else 0.0
             woken[queue] = min(delay, woken.get(queue, delay))
         return woken
@@ -53,6 +64,9 @@ class Listener:
         return self.read() if readable else {}
 
     def close(self) -> None:
+        if self._up:
+            self._up = False
+            self.db.listening(False)
         if self.conn is not None:
             try:
                 self.conn.close()
