@@ -136,10 +136,6 @@ class Database:
             self._users = max(self._users - 1, 0)
             if self._users or self._pool is None:
                 return
-        self.housekeeper.resign()  # another consumer takes over at its next poll
-        with self._pool_lock:
-            if self._users or self._pool is None:
-                return
             pool, self._pool = self._pool, None
         self.acker.flush()
         pool.close()

@@ -10,8 +10,9 @@ and works behind a pooler: consumers take it at their safety-net poll once it ha
 the ``poll`` statement), and the holder renews it in the transaction of each round, every
 ``sweep_interval``. A holder that dies, loses its connection or stalls (a solo worker running a
 long task) stops renewing; after ``housekeeper_lease`` seconds the next consumer to poll takes
-over, so rounds resume within that plus ``max_polling_interval``. One that shuts down gives
-the lease up, and the next poll takes it.
+over, so rounds resume within that plus ``max_polling_interval``. A process that stops
+consuming (it shuts down, or its only consumer was a short one: `celery inspect`, an events
+receiver) gives the lease up, and the next poll takes it.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import logging
 import os
 import secrets
 import threading
+import weakref
 from time import monotonic
 
 from . import config
@@ -46,6 +48,7 @@ class Housekeeper:
         self._leader = False
         self._next_round = 0.0  # monotonic
         self._lock = threading.Lock()  # the transports of a process share one housekeeper
+        self._consuming = weakref.WeakSet()  # this process's transports that consume
 
     @property
     def holder(self) -> str:
@@ -106,6 +109,16 @@ class Housekeeper:
             if returned:  # nothing else tells their consumers: no NOTIFY marks a lease's end
                 conn.execute(q.wake_queues, {"channel": options.notify_channel, "queues": returned})
         return Round(queues_gone, expired, buried, reaped)
+
+    def consuming(self, transport) -> None:
+        self._consuming.add(transport)
+
+    def stopped(self, transport) -> None:
+        """``transport`` consumes nothing any more: once no transport of this process does, no
+        round would come from here."""
+        self._consuming.discard(transport)
+        if not self._consuming:
+            self.resign()
 
     def resign(self) -> None:
         """Give the lease up (shutdown), so that another consumer takes over at its next poll

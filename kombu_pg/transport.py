@@ -352,6 +352,8 @@ class Channel(virtual.Channel):
         if queue and queue not in self._active_queues:
             self.connection.release_buffered(queue)  # claimed for a consumer that is gone
             self._no_ack_queues.discard(queue)
+            if not self.connection.consumed_queues():
+                self.db.housekeeper.stopped(self.connection)
             if queue in self._auto_delete_queues:  # as RabbitMQ: the last consumer took it along
                 self.queue_delete(queue)
 
@@ -543,6 +545,7 @@ class Transport(virtual.Transport):
             super().close_connection(connection)
             self.db.acker.flush()
         finally:
+            self.db.housekeeper.stopped(self)
             self.db.release()
             self._unregister()
             if self._listener is not None:
@@ -557,6 +560,7 @@ class Transport(virtual.Transport):
     def wake(self, queues) -> None:
         self._ready.update(queues)
         self._activity()
+        self.db.housekeeper.consuming(self)
 
     def _activity(self) -> None:
         """A wake-up or a delivery: poll again after polling_interval, and back off from there.

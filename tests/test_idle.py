@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import statistics
 import time
 from pathlib import Path
@@ -237,3 +238,40 @@ def test_connections_say_whose_they_are_and_what_for(make_app, private_server, p
     names = application_names(server)
     assert names.count("billing-workers") >= 2, names  # its pool and LISTEN connections
     assert not any("billing@" in name for name in names), names
+
+
+def test_a_process_that_stops_consuming_gives_the_housekeeping_up(env, kombu_conn):
+    # E.g. `celery inspect` or an events receiver in a web process: while it consumes it may be
+    # elected; once it stops, the next consumer to poll takes over rather than waiting for
+    # the lease to run out.
+    queue = kombu_conn().SimpleQueue("brief")
+    with pytest.raises(queue.Empty):
+        queue.get(timeout=1.5)  # consumes: its first poll finds the housekeeping vacant
+    assert (housekeeper(env) or "").startswith(f"{socket.gethostname()}[{os.getpid()}] ")
+    queue.close()  # cancels its consumer
+    assert housekeeper(env) is None
+
+
+@pytest.mark.slow
+def test_delayed_messages_published_while_nobody_listened_run_on_time(make_app, procs, env):
+    # Their wake-ups (with the delay) went out before any worker listened; a worker's polls,
+    # 60 s apart once idle, report when the earliest one is due, and it sets a timer for it.
+    # Three tries at once: a worker of its own for each queue.
+    app = make_app(transport_options={"max_polling_interval": 60})
+    countdown, queues = 25, ["eta0", "eta1", "eta2"]
+    published = {}
+    for queue in queues:
+        app.mark.apply_async((queue,), countdown=countdown, queue=queue)
+        published[queue] = env.db.scalar("SELECT clock_timestamp()")
+    workers = [procs.worker(app, name=queue, pool="solo", concurrency=1, extra_args=("-Q", queue), wait=False)
+               for queue in queues]
+    for worker in workers:
+        worker.wait_ready()
+    late = []
+    for queue in queues:
+        [run] = env.wait_runs(1, queue, timeout=60)
+        late.append((run["started_at"] - published[queue]).total_seconds() - countdown)
+    print(f"\nlateness of delayed messages: {', '.join(f'{s:.2f}' for s in late)} s")
+    # At their ETA, within the event loop's tick (1 s) and the hand-over; the polls about 15
+    # and 31 s after a worker started would find them several seconds late.
+    assert statistics.median(late) <= 2.0, late
