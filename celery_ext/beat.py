@@ -503,9 +503,10 @@ class Scheduler(beat.Scheduler):
 
     def _connect(self) -> None:
         given = conninfo_to_dict(self._session_conninfo)
-        extra = {"application_name": "kombu_pg_beat", "keepalives": 1,
-                 "keepalives_idle": max(1, int(self.lease / 2)), "keepalives_interval": 1, "keepalives_count": 3}
-        conn = self._db.connect(self._session_conninfo, **{k: v for k, v in extra.items() if k not in given})
+        extra = {"keepalives": 1, "keepalives_idle": max(1, int(self.lease / 2)), "keepalives_interval": 1,
+                 "keepalives_count": 3}
+        conn = self._db.connect(self._session_conninfo, role="beat",
+                                **{k: v for k, v in extra.items() if k not in given})
         # Nothing may outlast the lease: a statement, a lock wait, a transaction left open by a
         # leader that hangs (which would hold an entry's row lock against its successor).
         limit = f"{int(self.lease * 1000)}ms"

@@ -4,10 +4,13 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
+import socket
 import weakref
 
 from celery import bootsteps, signals
 
+from kombu_pg import config
 from kombu_pg.config import SCHEMES
 from kombu_pg.transport import MAX_ATTEMPTS_HEADER, UNIQUE_KEY_HEADER, Transport
 
@@ -61,6 +64,9 @@ def install(app) -> None:
     inflight.install()
     consumer.install()
     signals.before_task_publish.connect(_publish_headers, weak=False, dispatch_uid="kombu_pg.publish")
+    signals.worker_init.connect(_name_worker, weak=False, dispatch_uid="kombu_pg.name_worker")
+    signals.worker_process_init.connect(_name_child, weak=False, dispatch_uid="kombu_pg.name_child")
+    signals.beat_init.connect(_name_beat, weak=False, dispatch_uid="kombu_pg.name_beat")
     app.on_after_finalize.connect(_wrap_tasks, weak=False, dispatch_uid="kombu_pg.wrap")
     app.steps["worker"].add(metrics.WorkerMetrics)  # /metrics, when a port is configured
     app.steps["consumer"].add(secrets.BrokerInfo)  # celery inspect stats, without passwords
@@ -104,6 +110,29 @@ def _publish_headers(sender=None, headers=None, body=None, **kwargs):
             args, kwargs = (body[0], body[1]) if isinstance(body, (tuple, list)) else ((), {})
             unique_key = unique_key(args, kwargs)
         headers[UNIQUE_KEY_HEADER] = str(unique_key)
+
+
+_worker_pid = None
+
+
+def _name_worker(sender=None, **kwargs) -> None:
+    """The worker's node name in its connections' application_name (kombu-pg pool w1@host[pid])."""
+    global _worker_pid
+    hostname = getattr(sender, "hostname", None)
+    if hostname:
+        config.set_client_label(hostname)
+        _worker_pid = os.getpid()
+
+
+def _name_child(**kwargs) -> None:
+    """A prefork pool process: its parent's name (inherited across fork), marked as a child.
+    (The solo pool sends this signal in the worker's own process.)"""
+    if _worker_pid is not None and os.getpid() != _worker_pid:
+        config.set_client_label(f"{config.client_label()} child")
+
+
+def _name_beat(**kwargs) -> None:
+    config.set_client_label(f"beat@{socket.gethostname()}")
 
 
 def _revoke_expired(app_ref, task_ids) -> None:

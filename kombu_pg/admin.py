@@ -85,8 +85,9 @@ def _json_object(text: str) -> dict | None:
 
 
 class Admin:
-    def __init__(self, url: str, schema: str = config.Options.schema):
+    def __init__(self, url: str, schema: str = config.Options.schema, role: str = "cli"):
         self.conninfo = config.to_conninfo(url)
+        self.role = role  # in the connections' application_name
         self.description = config.mask_url(url)
         self.schema = schema
         self.q = for_schema(schema)
@@ -99,7 +100,7 @@ class Admin:
         nothing is set on the session, which other clients of the pooler would share."""
         try:
             conn = psycopg.connect(self.conninfo, autocommit=True, prepare_threshold=None,
-                                   **self.options.connection_kwargs(self.conninfo))
+                                   **self.options.connection_kwargs(self.conninfo, self.role))
         except psycopg.OperationalError as exc:
             raise psycopg.OperationalError(
                 f"cannot connect to {self.description}: {config.scrub(exc, self.conninfo)}") from None

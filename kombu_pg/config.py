@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import socket
 from collections.abc import Mapping
 
 import psycopg
@@ -34,8 +36,13 @@ class Options:
     #: Seconds a delivered message stays invisible to other consumers before it is redelivered.
     #: Leases of messages a consumer still holds are renewed every third of this.
     visibility_timeout: float = 30.0
-    #: Seconds between safety-net polls (missed notifications, due ETAs, expired leases).
+    #: Seconds between safety-net polls (missed notifications, due ETAs, expired leases) right
+    #: after activity. Without LISTEN (listen=False) a consumer always polls this often.
     polling_interval: float = 1.0
+    #: With LISTEN working, an idle consumer doubles the time between its safety-net polls up
+    #: to this many seconds (back to polling_interval on any wake-up). It also keeps its queues
+    #: alive (x-expires) and looks for a vacant housekeeper at each poll.
+    max_polling_interval: float = 30.0
     #: Apply pending migrations on first connect (under an advisory lock). A current schema is
     #: only read: a role with the privileges of `kombu-pg grants` suffices then.
     auto_migrate: bool = True
@@ -61,7 +68,9 @@ class Options:
     claim_batch: int = 100
     #: Seconds an auto-delete queue declared without x-expires survives with no consumer.
     auto_delete_expires: float = 60.0
-    #: Seconds between sweeps of expired queues and messages (one sweeper at a time).
+    #: Seconds between housekeeping rounds (expired queues and messages, expired leases back
+    #: to their queues, expired tasks), run by one consumer process elected among all. Another
+    #: takes over within 3 times this (at least 3 s) plus max_polling_interval if it stops.
     sweep_interval: float = 5.0
     #: Seconds a Celery task past its ``expires`` may wait for a consumer, which marks it
     #: REVOKED; then the sweeper moves it to the dead letters (reason ``expired``).
@@ -123,8 +132,9 @@ class Options:
             raise ConfigurationError("transport option 'schema' must be 1 to 50 bytes long")
         if options.visibility_timeout < 1:
             raise ConfigurationError("transport option 'visibility_timeout' must be >= 1 second")
-        if options.polling_interval <= 0:
-            raise ConfigurationError("transport option 'polling_interval' must be > 0")
+        for key in ("polling_interval", "max_polling_interval", "sweep_interval"):
+            if getattr(options, key) <= 0:
+                raise ConfigurationError(f"transport option {key!r} must be > 0")
         for key in ("statement_timeout", "tcp_user_timeout", "keepalives_idle", "migrate_lock_timeout"):
             if getattr(options, key) <= 0:
                 raise ConfigurationError(f"transport option {key!r} must be > 0 seconds")
@@ -155,12 +165,25 @@ class Options:
         """Parameters of the ``session_setup`` statement run on every new connection."""
         return {"statement_timeout": f"{round(self.statement_timeout * 1000)}ms"}
 
-    def connection_kwargs(self, conninfo: str) -> dict:
-        """libpq parameters bounding every wait on the server, unless the URL sets them itself;
-        with several hosts, the one that takes writes (all our sessions write), so that after a
+    @property
+    def idle_polling_interval(self) -> float:
+        """The longest time between safety-net polls (never below polling_interval)."""
+        return max(self.polling_interval, self.max_polling_interval)
+
+    @property
+    def housekeeper_lease(self) -> float:
+        """Seconds the elected housekeeper's lease lasts; it renews it at each round."""
+        return max(3 * self.sweep_interval, 3.0)
+
+    def connection_kwargs(self, conninfo: str, role: str = "pool") -> dict:
+        """libpq parameters bounding every wait on the server, and the connection's name for
+        pg_stat_activity (see :func:`application_name`), unless the URL sets them itself; with
+        several hosts, the one that takes writes (all our sessions write), so that after a
         failover libpq skips the old primary and the standbys."""
         given = conninfo_to_dict(conninfo)
         wanted = {
+            # libpq uses it only when neither the URL's application_name nor PGAPPNAME is set.
+            "fallback_application_name": application_name(role),
             "connect_timeout": max(1, round(self.connect_timeout)),
             "keepalives": 1,
             "keepalives_idle": max(1, round(self.keepalives_idle)),
@@ -171,6 +194,37 @@ class Options:
         if "," in str(given.get("host") or given.get("hostaddr") or ""):
             wanted["target_session_attrs"] = "read-write"
         return {key: value for key, value in wanted.items() if key not in given}
+
+
+#: Who this process is, in the names of its connections; a Celery worker sets its node name.
+_client_label: str | None = None
+#: PostgreSQL keeps application_name to NAMEDATALEN - 1 bytes, in printable ASCII.
+MAX_APPLICATION_NAME = 63
+
+
+def set_client_label(label: str) -> None:
+    """Name this process in the application_name of the connections it opens from now on."""
+    global _client_label
+    _client_label = label
+
+
+def client_label() -> str:
+    """This process's name: the host name, unless a Celery worker set its node name."""
+    return _client_label or socket.gethostname()
+
+
+def client_name(room: int = MAX_APPLICATION_NAME) -> str:
+    """``<label>[<pid>]`` in at most ``room`` bytes, the label cut to fit, in printable ASCII."""
+    tail = f"[{os.getpid()}]"
+    label = "".join(c if " " <= c <= "~" else "?" for c in client_label())
+    return label[:max(0, room - len(tail))] + tail
+
+
+def application_name(role: str) -> str:
+    """``kombu-pg <role> <label>[<pid>]``, e.g. ``kombu-pg listen w1@host[4242]``: what a
+    connection is for and whose it is, for pg_stat_activity and the server's logs."""
+    head = f"kombu-pg {role} "
+    return head + client_name(MAX_APPLICATION_NAME - len(head))
 
 
 def _coerce(key, type_name, value):

@@ -26,6 +26,7 @@ from .deadline import watchdog
 from .failover import ReadOnlyServer, writable
 from .config import ConfigurationError, Options, mask_url, scrub, to_conninfo
 from .acker import Acker
+from .housekeeping import Housekeeper
 from .leases import LeaseKeeper
 from .vacuum import Vacuumer
 from .prepared import Pending, PreparedStatement
@@ -66,7 +67,13 @@ class Database:
         self.leases = LeaseKeeper(self)
         self.acker = Acker(self)
         self.vacuumer = Vacuumer(self)
+        self.housekeeper = Housekeeper(self)
         self._notified: dict = {}  # destination -> monotonic time of its last NOTIFY
+        # (exchange, routing key) -> (routing epoch, monotonic expiry): published to, matched no
+        # queue (see unroutable). The epoch moves whenever a LISTEN connection comes or goes.
+        self._unroutable: dict = {}
+        self._routing_epoch = 0
+        self._listeners = 0  # LISTEN connections of this process that are up
 
     # -- connections ------------------------------------------------------------------------
 
@@ -82,7 +89,7 @@ class Database:
         return self._pooled
 
     def _detect_pooler(self) -> bool:
-        with self._open(self.conninfo, prepare_threshold=None) as conn:
+        with self._open(self.conninfo, "probe", prepare_threshold=None) as conn:
             with watchdog.guard(conn, self.options.statement_deadline):
                 found = pooler.detect(conn, self.q)
         if found:
@@ -108,23 +115,25 @@ class Database:
             raise pooler.session_required(feature)
         return self.conninfo
 
-    def connect(self, conninfo: str | None = None, *, bounded: bool = True, **kwargs) -> psycopg.Connection:
+    def connect(self, conninfo: str | None = None, *, role: str, bounded: bool = True,
+                **kwargs) -> psycopg.Connection:
         """A new dedicated connection; errors name the problem and never carry the password.
 
+        ``role``: what it is for, in its application_name (``listen``, ``lease``, ...).
         ``bounded``: statements get the ``statement_timeout`` option (not for migrations, which
         may rightly take longer; nor behind a transaction pooler, where a session setting would
         reach other clients: there the client-side deadline alone bounds a statement)."""
         conninfo = conninfo or self.conninfo
         pooled = conninfo == self.conninfo and self.pooled
-        conn = self._open(conninfo, **self._pooled_kwargs(pooled), **kwargs)
+        conn = self._open(conninfo, role, **self._pooled_kwargs(pooled), **kwargs)
         if bounded and not pooled:
             self._configure(conn)
         return conn
 
-    def _open(self, conninfo: str, **kwargs) -> psycopg.Connection:
+    def _open(self, conninfo: str, role: str, **kwargs) -> psycopg.Connection:
         try:
             return psycopg.connect(conninfo, autocommit=True,
-                                   **{**self.options.connection_kwargs(conninfo), **kwargs})
+                                   **{**self.options.connection_kwargs(conninfo, role), **kwargs})
         except psycopg.OperationalError as exc:
             where = self.description if conninfo == self.conninfo else mask_url(conninfo)
             raise psycopg.OperationalError(f"cannot connect to {where}: {scrub(exc, conninfo)}") from None
@@ -152,7 +161,7 @@ class Database:
                 pooled = self.pooled
                 pool = ConnectionPool(
                     self.conninfo, min_size=1, max_size=self.options.max_connections,
-                    kwargs={"autocommit": True, **self.options.connection_kwargs(self.conninfo),
+                    kwargs={"autocommit": True, **self.options.connection_kwargs(self.conninfo, "pool"),
                             **self._pooled_kwargs(pooled)},
                     configure=None if pooled else self._configure, timeout=self.options.connect_timeout,
                     name=f"kombu_pg[{os.getpid()}]", open=True)
@@ -207,7 +216,7 @@ class Database:
         """Check that we can connect, and migrate the schema if need be, once per process."""
         if self._ready:
             return
-        with self.connect(bounded=False) as conn:  # migrations may take long
+        with self.connect(role="migrate", bounded=False) as conn:  # migrations may take long
             # Read first: against a current schema, take no lock and create nothing, so that a
             # role without CREATE rights starts, and nobody holding the lock can stop it.
             missing = migrate.pending(conn, self.options.schema)
@@ -262,6 +271,45 @@ class Database:
             return False
         self._notified[destination] = now
         return True
+
+    # -- publishes no queue takes -----------------------------------------------------------
+
+    def unroutable(self, destination) -> bool:
+        """Whether a publish to ``destination`` (exchange, routing key) would store nothing: it
+        matched no queue a moment ago, and no queue was bound to the exchange since.
+
+        An idle Celery worker publishes a heartbeat event every 2 s to an exchange no queue is
+        bound to unless a monitor runs; this spares the server those transactions. Only trusted
+        while this process listens: a bind NOTIFYs (see the ``bind`` statement), and the listener
+        then drops every entry (:meth:`bound`), as it does when a LISTEN connection comes or
+        goes. Kept at most ``idle_polling_interval`` seconds, in case a LISTEN connection died
+        unnoticed."""
+        entry = self._unroutable.get(destination)
+        return (entry is not None and self._listeners > 0 and entry[0] == self._routing_epoch
+                and time.monotonic() < entry[1])
+
+    def routing_epoch(self) -> int:
+        return self._routing_epoch
+
+    def note_unroutable(self, destination, epoch: int) -> None:
+        """A publish to ``destination`` sent in routing epoch ``epoch`` matched no queue."""
+        if epoch != self._routing_epoch or not self._listeners:
+            return
+        if len(self._unroutable) >= 1000:  # e.g. replies to many `celery inspect` clients gone
+            self._unroutable.clear()
+        self._unroutable[destination] = (epoch, time.monotonic() + self.options.idle_polling_interval)
+
+    def bound(self) -> None:
+        """A queue was bound to an exchange: publishes that matched no queue may be stored now.
+        (A new epoch, rather than dropping entries: a publish in flight must not add a stale one.)"""
+        with self._pool_lock:
+            self._routing_epoch += 1
+
+    def listening(self, up: bool) -> None:
+        """A LISTEN connection of this process came up or went away."""
+        with self._pool_lock:
+            self._listeners += 1 if up else -1
+            self._routing_epoch += 1
 
     # -- settling by lease: usable from any process that knows (id, token) ---------------------
 
@@ -341,18 +389,21 @@ class Database:
                         message_id, queue, attempt, cap)
         return {"attempt": attempt, "max_attempts": cap, "dead_letter_id": dead_letter_id}
 
-    def reap(self, limit: int = 1000) -> list[tuple]:
-        """Return expired leases to their queues, or dead-letter them at the delivery cap."""
-        rows = self.run(self.q.reap, {"limit": limit, "default_max_attempts": self.options.max_attempts,
-                                      "held": self.leases.held_ids()}, fetch=True)
+    def reap(self, conn: psycopg.Connection, limit: int = 1000) -> list[tuple]:
+        """Return expired leases to their queues, or dead-letter them at the delivery cap, on
+        ``conn`` (in the housekeeping round's transaction); log them with :meth:`reaped`."""
+        return conn.execute(self.q.reap, {"limit": limit, "default_max_attempts": self.options.max_attempts,
+                                          "held": self.leases.held_ids()}).fetchall()
+
+    def reaped(self, rows: list[tuple]) -> None:
         for outcome, message_id, queue, task_id, attempt in rows:
             counters.add("dead_lettered" if outcome == "dead_lettered" else "released", queue)
             logger.warning("kombu_pg: lease of message %s (task %s, queue %r, attempt %d) expired: %s",
                            message_id, task_id, queue, attempt,
                            "dead-lettered (lease_expired)" if outcome == "dead_lettered" else "returned to its queue")
-        return rows
 
     def close(self) -> None:
+        self.housekeeper.resign()
         self.acker.stop()
         self.leases.stop()
         if self._pool is not None:

@@ -22,5 +22,8 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.beat_entries, {schema}.beat_tic
 -- ... and the one-row tables of the schedule's revision and of the leader's lease.
 GRANT SELECT, UPDATE ON {schema}.beat_revision, {schema}.beat_leader TO {role};
 
+-- The lease of the one consumer that runs the cluster-wide housekeeping rounds.
+GRANT SELECT, UPDATE ON {schema}.housekeeper TO {role};
+
 -- The NOTIFY payload of publishes (PUBLIC may execute functions by default; not everywhere).
 GRANT EXECUTE ON FUNCTION {schema}.wake_payload(timestamptz) TO {role};

@@ -107,7 +107,7 @@ class LeaseKeeper:
 
     def _renew(self, ids: list[int], tokens: list[str]) -> set[int]:
         if self._conn is None or self._conn.closed:
-            self._conn = self.db.connect()
+            self._conn = self.db.connect(role="lease")
         with writable(self._conn), watchdog.guard(self._conn, self.db.options.statement_deadline):
             return {row[0] for row in self._conn.execute(self.db.q.renew, {
                 "ids": ids, "tokens": tokens, "lease_seconds": self.lease_seconds,

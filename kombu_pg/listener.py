@@ -16,6 +16,10 @@ from .failover import writable
 logger = logging.getLogger(__name__)
 
 
+#: Payload prefix of the NOTIFY a new binding sends: "bind <exchange>" (see Database.unroutable).
+BIND_PREFIX = "bind "
+
+
 class Listener:
     def __init__(self, db, conninfo: str | None = None):
         self.db = db
@@ -24,19 +28,22 @@ class Listener:
         self.conn: psycopg.Connection | None = None
         self._fd = -1
         self._generation = db.pool_generation
+        self._up = False  # counted in db.listening()
 
     def connect(self) -> int:
         """(Re)connect and LISTEN; returns the socket to watch. A standby refuses LISTEN:
         ReadOnlyServer, a lost connection."""
         self.close()
         self._generation = self.db.pool_generation
-        self.conn = self.db.connect(self.conninfo)
+        self.conn = self.db.connect(self.conninfo, role="listen")
         try:
             with writable(self.conn):
                 self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
         except psycopg.Error:
             self.close()
             raise
+        self._up = True
+        self.db.listening(True)
         self._fd = self.conn.fileno()
         return self._fd
 
@@ -60,7 +67,11 @@ class Listener:
         pgconn.consume_input()
         woken: dict[str, float] = {}
         while (note := pgconn.notifies()) is not None:
-            delay_ms, _, queue = note.extra.decode().partition(" ")
+            payload = note.extra.decode()
+            if payload.startswith(BIND_PREFIX):
+                self.db.bound()
+                continue
+            delay_ms, _, queue = payload.partition(" ")
             delay = int(delay_ms) / 1000 if delay_ms.isdigit() else 0.0
             woken[queue] = min(delay, woken.get(queue, delay))
         return woken
@@ -71,6 +82,9 @@ class Listener:
         return self.read() if readable else {}
 
     def close(self) -> None:
+        if self._up:
+            self._up = False
+            self.db.listening(False)
         if self.conn is not None:
             try:
                 self.conn.close()

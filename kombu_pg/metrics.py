@@ -92,7 +92,7 @@ class KombuPgCollector(Collector):
 
     def __init__(self, url: str, schema: str = config.Options.schema, *,
                  counts: Callable[[], dict] | None = counters.snapshot):
-        self.admin = Admin(url, schema)  # validates the URL: raises config.ConfigurationError
+        self.admin = Admin(url, schema, role="metrics")  # validates the URL: raises config.ConfigurationError
         self.counts = counts
         self._last_error: str | None = None
 

@@ -166,7 +166,9 @@ VALUES (%(queue)s, %(durable)s, %(auto_delete)s,
         %(max_attempts)s, %(backoff_base)s, %(backoff_cap)s)
 ON CONFLICT (name) DO UPDATE
 SET durable = excluded.durable, auto_delete = excluded.auto_delete,
-    expires = excluded.expires, message_ttl = excluded.message_ttl, last_used = now(),
+    expires = excluded.expires, message_ttl = excluded.message_ttl,
+    -- Never back: while consumed, last_used is ahead of now() (see poll).
+    last_used = greatest(queues.last_used, now()),
     -- A declaring process without overrides keeps those another process configured.
     max_attempts = coalesce(excluded.max_attempts, queues.max_attempts),
     backoff_base = coalesce(excluded.backoff_base, queues.backoff_base),
@@ -184,9 +186,40 @@ WITH q AS (
 )
 DELETE FROM {schema}.messages WHERE queue = %(queue)s
 
--- name: touch_queues
--- Consumers mark their queues as used, which keeps queues with x-expires alive.
-UPDATE {schema}.queues SET last_used = now() WHERE name = ANY(%(queues)s::text[])
+-- name: poll
+-- A consumer's safety-net poll: one statement for all the queues it consumes, rare when idle
+-- (see Transport._poll). Per queue: whether a message is deliverable now (as the claim sees it,
+-- but expired leases count: the claim skips those at their delivery cap), and else the seconds
+-- until the earliest delayed message (an ETA, a retry backoff) becomes visible, so that a
+-- consumer that was not listening when its NOTIFY went out still wakes up on time.
+-- Two more duties, so that an idle consumer costs one transaction per poll:
+-- `touched` keeps the queues alive (x-expires): last_used is set `hold_s` ahead, past the
+-- consumer's next poll, and written again only when less than `refresh_s` remains, so a busy
+-- consumer polling every second does not rewrite the row every time. A queue therefore expires
+-- x-expires after its last consumer stopped, plus what remained of that hold.
+-- `elected` takes the housekeeper's lease when nobody holds it (ran out, or given up): SKIP
+-- LOCKED, so a poll never waits for the holder's round in progress.
+WITH touched AS (
+    UPDATE {schema}.queues
+    SET last_used = now() + %(hold_s)s * interval '1 second'
+    WHERE name = ANY(%(queues)s::text[]) AND last_used < now() + %(refresh_s)s * interval '1 second'
+), elected AS (
+    UPDATE {schema}.housekeeper h
+    SET holder = %(holder)s, leader_until = now() + %(lease_s)s * interval '1 second', elected_at = now()
+    FROM (SELECT id FROM {schema}.housekeeper
+          WHERE leader_until IS NULL OR leader_until <= now()
+          FOR UPDATE SKIP LOCKED) AS vacant
+    WHERE h.id = vacant.id
+    RETURNING h.holder
+)
+SELECT q.queue,
+       EXISTS (SELECT 1 FROM {schema}.messages
+               WHERE queue = q.queue AND visible_at <= now() AND {unleased}
+                 AND (expires_at IS NULL OR expires_at > now() OR task_id IS NOT NULL)),
+       (SELECT extract(epoch FROM min(visible_at) - now())::float8 FROM {schema}.messages
+        WHERE queue = q.queue AND visible_at > now()),
+       EXISTS (SELECT 1 FROM elected)
+FROM unnest(%(queues)s::text[]) AS q(queue)
 
 -- name: declare_exchange
 INSERT INTO {schema}.exchanges (name, type, durable, auto_delete)
@@ -201,9 +234,16 @@ WITH b AS (DELETE FROM {schema}.bindings WHERE exchange = %(exchange)s)
 DELETE FROM {schema}.exchanges WHERE name = %(exchange)s
 
 -- name: bind
-INSERT INTO {schema}.bindings (exchange, routing_key, pattern, queue)
-VALUES (%(exchange)s, %(routing_key)s, %(pattern)s, %(queue)s)
-ON CONFLICT DO NOTHING
+-- A new binding tells listening processes that publishes to the exchange may be stored now:
+-- they stop skipping those that matched no queue (Database.unroutable). "bind <exchange>" does
+-- not start with a digit, so it is no queue's wake-up.
+WITH bound AS (
+    INSERT INTO {schema}.bindings (exchange, routing_key, pattern, queue)
+    VALUES (%(exchange)s, %(routing_key)s, %(pattern)s, %(queue)s)
+    ON CONFLICT DO NOTHING
+    RETURNING exchange
+)
+SELECT pg_notify(%(channel)s, 'bind ' || exchange) FROM bound
 
 -- name: unbind
 DELETE FROM {schema}.bindings
@@ -212,12 +252,28 @@ WHERE exchange = %(exchange)s AND routing_key = %(routing_key)s AND queue = %(qu
 -- name: bindings_of_exchange
 SELECT routing_key, pattern, queue FROM {schema}.bindings WHERE exchange = %(exchange)s
 
--- name: sweep_try_lock
--- One sweeper at a time across all processes; the others skip this round.
-SELECT pg_try_advisory_xact_lock(%(lock_key)s)
+-- name: housekeeper_renew
+-- The first statement of a housekeeping round: renew the lease if it is still ours (else
+-- another process took over: no round). The row stays locked until the round commits, so
+-- rounds never overlap.
+UPDATE {schema}.housekeeper
+SET leader_until = now() + %(lease_s)s * interval '1 second', last_round_at = now()
+WHERE id AND holder = %(holder)s
+RETURNING leader_until
+
+-- name: housekeeper_resign
+-- A housekeeper that shuts down gives the lease up: the next consumer to poll takes it.
+UPDATE {schema}.housekeeper SET leader_until = NULL WHERE id AND holder = %(holder)s
+
+-- name: wake_queues
+-- Wake the consumers of queues whose messages became deliverable without a NOTIFY of their
+-- own: expired leases the reaper returned. Delivered when the round commits.
+SELECT pg_notify(%(channel)s, {schema}.wake_payload(now()) || queue)
+FROM unnest(%(queues)s::text[]) AS q(queue)
 
 -- name: sweep_expired_queues
--- x-expires: unused queues, with their bindings and messages. Auto-delete queues declared
+-- x-expires: unused queues, with their bindings and messages. While a queue is consumed its
+-- last_used is ahead of now() (see poll). Auto-delete queues declared
 -- without x-expires get `auto_delete_expires`, so that those of killed consumers go too.
 WITH gone AS (
     DELETE FROM {schema}.queues

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
-import hashlib
 import json
 import logging
 import socket
@@ -169,9 +168,14 @@ class Channel(virtual.Channel):
         external = atomic.current()
         if external is not None:  # inside enqueue_in(): the application's transaction
             queues = external.execute(getattr(self.db.q, statement), dict(params, notify=True)).fetchall()
+        elif exchange and self.db.unroutable((exchange, routing_key)):
+            queues = []  # as the last publish there: no queue takes it (Celery's idle heartbeats)
         else:
             notify = params["eta"] is not None or self.db.should_notify((exchange, routing_key))
+            epoch = self.db.routing_epoch()
             queues = self.db.run(self.db.prepared[statement], dict(params, notify=notify), fetch=True)
+            if exchange and not queues and params["unique_key"] is None:
+                self.db.note_unroutable((exchange, routing_key), epoch)
         for queue, _ in queues:
             counters.add("published", queue)
         if not queues and params["unique_key"] is not None:
@@ -348,6 +352,8 @@ class Channel(virtual.Channel):
         if queue and queue not in self._active_queues:
             self.connection.release_buffered(queue)  # claimed for a consumer that is gone
             self._no_ack_queues.discard(queue)
+            if not self.connection.consumed_queues():
+                self.db.housekeeper.stopped(self.connection)
             if queue in self._auto_delete_queues:  # as RabbitMQ: the last consumer took it along
                 self.queue_delete(queue)
 
@@ -454,7 +460,9 @@ class Channel(virtual.Channel):
                                                      "durable": True, "auto_delete": False})
         pattern = TopicExchange(self).key_to_pattern(routing_key) if exchange_type == "topic" else ""
         self.db.run(self.db.q.bind, {"exchange": exchange, "routing_key": routing_key or "",
-                                     "pattern": pattern, "queue": queue})
+                                     "pattern": pattern, "queue": queue,
+                                     "channel": self.options.notify_channel})
+        self.db.bound()
         self.state.binding_declare(queue, exchange, routing_key, arguments)
 
     def queue_unbind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):
@@ -520,7 +528,8 @@ class Transport(virtual.Transport):
         self.db.acquire()
         self._hub = None
         self._timer = None
-        self._next_poll = self._next_touch = self._next_sweep = 0.0
+        self._next_poll = 0.0  # monotonic time of the next safety-net poll
+        self._poll_interval = self.options.polling_interval  # the wait after that poll
 
     def driver_version(self):
         return psycopg.__version__
@@ -543,6 +552,7 @@ class Transport(virtual.Transport):
             super().close_connection(connection)
             self.db.acker.flush()
         finally:
+            self.db.housekeeper.stopped(self)
             self.db.release()
             self._unregister()
             if self._listener is not None:
@@ -556,6 +566,19 @@ class Transport(virtual.Transport):
 
     def wake(self, queues) -> None:
         self._ready.update(queues)
+        self._activity()
+        self.db.housekeeper.consuming(self)
+
+    def _activity(self) -> None:
+        """A wake-up or a delivery: poll again after polling_interval, and back off from there.
+        A producer skips the NOTIFY of a message published right after another to the same
+        destination (Database.should_notify): a consumer that got the first NOTIFY but not the
+        messages (another consumer took them) thus still finds the next one within this."""
+        self._poll_interval = self.options.polling_interval
+        self._next_poll = min(self._next_poll, monotonic() + self._poll_interval)
+
+    def _listening(self) -> bool:
+        return self._listener is not None and self._listener.conn is not None
 
     def _read_notifications(self, wait: float | None = None) -> None:
         if self._listener is None:
@@ -571,10 +594,10 @@ class Transport(virtual.Transport):
             logger.info("kombu_pg: LISTEN connection lost (%s): reconnected", " ".join(str(exc).split()))
             woken = dict.fromkeys(self.consumed_queues(), 0.0)  # anything may have been missed
         consumed = self.consumed_queues()
-        now = monotonic()
         for queue, delay in woken.items():
             if queue not in consumed:
                 continue
+            self._activity()
             if delay <= 0:
                 self._ready.add(queue)
             else:
@@ -610,7 +633,10 @@ class Transport(virtual.Transport):
         fd = self._listener.connect()  # raises a connection error: the consumer reconnects
         if self._hub is not None:
             self._hub.add_reader(fd, self._on_readable)
+        # Reconcile: whatever was notified while nobody listened. Claim every queue, and poll
+        # now for the delayed messages whose wake-ups were lost.
         self._ready |= self.consumed_queues()
+        self._poll_interval, self._next_poll = self.options.polling_interval, 0.0
 
     def _on_due(self, queue) -> None:
         if self._due.get(queue, float("inf")) <= monotonic() + 0.001:
@@ -619,7 +645,7 @@ class Transport(virtual.Transport):
             self._deliver_from_hub()
 
     def _housekeeping(self) -> None:
-        """Due ETAs, safety-net poll, keep-alive of consumed queues, and the expiry sweep."""
+        """Due ETAs, the safety-net poll, and the housekeeping round if this process runs it."""
         now = monotonic()
         for queue, due in list(self._due.items()):
             if due <= now:
@@ -632,34 +658,41 @@ class Transport(virtual.Transport):
         if not consumed:
             return
         if now >= self._next_poll:
-            self._ready |= consumed
-            self._next_poll = now + self.options.polling_interval
-        if now >= self._next_touch:
-            self.db.run(self.db.q.touch_queues, {"queues": sorted(consumed)})
-            self._next_touch = now + 1.0
-        if now >= self._next_sweep:
-            self._next_sweep = now + self.options.sweep_interval
-            self.sweep()
+            self._poll(consumed)
+        self.sweep()
+
+    def _poll(self, consumed: set[str]) -> None:
+        """The safety net for wake-ups that never came (see the ``poll`` statement): one
+        statement for all consumed queues, which also keeps them alive and may elect this
+        process as the housekeeper. With LISTEN working, an idle consumer doubles the time to
+        its next poll up to max_polling_interval; without, it polls every polling_interval."""
+        longest = self.options.idle_polling_interval
+        rows = self.db.run(self.db.q.poll, {
+            "queues": sorted(consumed), "hold_s": 2 * longest, "refresh_s": 1.5 * longest,
+            **self.db.housekeeper.poll_params()}, fetch=True)
+        self._next_poll = monotonic() + self._poll_interval
+        if self._listening():
+            self._poll_interval = min(2 * self._poll_interval, longest)
+        for queue, ready, delay, elected in rows:
+            if ready:
+                self._ready.add(queue)
+            elif delay is not None:
+                self._wake_at(queue, delay)
+        if rows and rows[0][3]:
+            self.db.housekeeper.elected()
 
     def sweep(self) -> None:
-        """Drop expired queues (x-expires) and messages (TTL), dead-letter expired tasks nobody
-        took; one sweeper at a time."""
-        q = self.db.q
-        with self.db.connection() as conn, conn.transaction():
-            if not conn.execute(q.sweep_try_lock, {"lock_key": hash_key(self.options.schema)}).fetchone()[0]:
-                return
-            queues_gone = conn.execute(q.sweep_expired_queues, {
-                "auto_delete_expires_s": self.options.auto_delete_expires}).rowcount
-            expired = conn.execute(q.sweep_expired_messages, {}).rowcount
-            buried = conn.execute(q.sweep_expired_tasks, {
-                "grace_s": self.options.expired_task_grace, "limit": 1000}).fetchall()
-        self.db.reap()
-        self.db.vacuumer.maybe_vacuum()
-        if queues_gone or expired:
+        """A housekeeping round, when this process is the elected housekeeper and one is due:
+        drop expired queues (x-expires) and messages (TTL), return expired leases to their
+        queues (and wake their consumers), dead-letter expired tasks nobody took."""
+        done = self.db.housekeeper.run_round()
+        if done is None:
+            return
+        if done.queues_gone or done.expired:
             logger.info("kombu_pg: sweep removed %d message(s) of expired queues and %d expired "
-                        "message(s)", queues_gone, expired)
-        if buried:
-            self._expired_unclaimed(buried)
+                        "message(s)", done.queues_gone, done.expired)
+        if done.buried:
+            self._expired_unclaimed(done.buried)
 
     def _expired_unclaimed(self, buried: list[tuple]) -> None:
         for message_id, queue, task_id in buried:
@@ -724,6 +757,8 @@ class Transport(virtual.Transport):
 
     def _after_claim(self, queue: str, messages: Claimed, limit: int) -> None:
         """A claim that came back short drained the queue: wait for a wake-up."""
+        if messages.rows:
+            self._activity()
         if messages.rows < limit:
             self._ready.discard(queue)  # drained: wait for a wake-up or the next poll
             if messages.rows:
@@ -897,8 +932,9 @@ class Transport(virtual.Transport):
             now = monotonic()
             if deadline is not None and now >= deadline:
                 raise socket.timeout()
-            wait = max(min([self._next_poll, *self._due.values()]) - now, 0.001) if self.consumed_queues() \
-                else self.polling_interval
+            round_due = self.db.housekeeper.next_round()
+            wait = max(min([self._next_poll, *self._due.values(), *([round_due] if round_due is not None else [])])
+                       - now, 0.001) if self.consumed_queues() else self.polling_interval
             if deadline is not None:
                 wait = min(wait, deadline - now)
             self._read_notifications(wait)
@@ -912,8 +948,3 @@ def _check_queue_name(queue: str) -> None:
             f"queue name {queue[:40]!r}... is {size} bytes long: the PostgreSQL transport allows at "
             f"most {MAX_QUEUE_NAME_BYTES} bytes (its wake-ups carry the name in a NOTIFY payload); "
             "use a shorter queue name")
-
-
-def hash_key(text: str) -> int:
-    """A stable signed 64-bit advisory lock key for ``text``."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big", signed=True)

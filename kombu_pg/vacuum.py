@@ -54,7 +54,7 @@ class Vacuumer:
         try:
             # A dedicated connection: VACUUM runs outside any transaction, and without the
             # statement_timeout of pooled connections (a bloated table may rightly take longer).
-            with self.db.connect(bounded=False, application_name="kombu-pg vacuum") as conn:
+            with self.db.connect(role="vacuum", bounded=False) as conn:
                 conn.execute(self.db.q.vacuum_messages, {})  # {}: a %% in a schema name is read back
             logger.debug("kombu_pg: vacuumed %s.messages (%d dead rows) in %.0f ms",
                          self.db.options.schema, dead, (time.monotonic() - started) * 1000)
