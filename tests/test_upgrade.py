@@ -103,7 +103,7 @@ def test_upgrade_under_load_loses_and_duplicates_nothing(env, make_app, procs):
     old.start()
     wait_for(lambda: len(run_counts(env)) >= TASKS // 5, 60, what="the old worker to make progress")
     with psycopg.connect(env.url, autocommit=True) as conn:
-        assert migrate.migrate(conn, env.broker_schema) == [6]  # under load
+        assert 6 in migrate.migrate(conn, env.broker_schema)  # under load
     worker = procs.worker(app, concurrency=2)  # the new release, next to the old one
     wait_for(lambda: len(run_counts(env)) >= TASKS // 2, 120, what="both workers to make progress")
     old.stopping.set()
