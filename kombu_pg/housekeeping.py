@@ -2,8 +2,8 @@
 
 A round drops expired queues (x-expires) and messages (TTL), returns expired leases to their
 queues (or dead-letters them at the delivery cap) and wakes those queues' consumers, and moves
-expired tasks nobody took to the dead letters. Run by every consumer, this cost the server a
-few transactions per second per idle worker; one process suffices.
+expired tasks nobody took to the dead letters. One process suffices: run by every consumer,
+the rounds would make up most of what idle workers cost the server.
 
 The election is a lease in a one-row table (migration 0007), so it needs no session of its own
 and works behind a pooler: consumers take it at their safety-net poll once it has run out (see

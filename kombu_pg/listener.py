@@ -14,8 +14,9 @@ from psycopg import sql
 logger = logging.getLogger(__name__)
 
 
-#: Payload prefix of the NOTIFY a new binding sends: "bind <exchange>" (see Database.unroutable).
-BIND_PREFIX = "bind "
+#: Payload of the NOTIFY a new binding sends (see Database.unroutable): no queue's wake-up,
+#: which starts with a number.
+BOUND = "bind"
 
 
 class Listener:
@@ -50,7 +51,7 @@ class Listener:
         woken: dict[str, float] = {}
         while (note := pgconn.notifies()) is not None:
             payload = note.extra.decode()
-            if payload.startswith(BIND_PREFIX):
+            if payload == BOUND:
                 self.db.bound()
                 continue
             delay_ms, _, queue = payload.partition(" ")

@@ -229,16 +229,16 @@ WITH b AS (DELETE FROM {schema}.bindings WHERE exchange = %(exchange)s)
 DELETE FROM {schema}.exchanges WHERE name = %(exchange)s
 
 -- name: bind
--- A new binding tells listening processes that publishes to the exchange may be stored now:
--- they stop skipping those that matched no queue (Database.unroutable). "bind <exchange>" does
--- not start with a digit, so it is no queue's wake-up.
+-- A new binding tells listening processes that publishes may be stored now where they matched
+-- no queue before: they stop skipping those (Database.unroutable). The payload "bind" does not
+-- start with a number, so it is no queue's wake-up.
 WITH bound AS (
     INSERT INTO {schema}.bindings (exchange, routing_key, pattern, queue)
     VALUES (%(exchange)s, %(routing_key)s, %(pattern)s, %(queue)s)
     ON CONFLICT DO NOTHING
     RETURNING exchange
 )
-SELECT pg_notify(%(channel)s, 'bind ' || exchange) FROM bound
+SELECT pg_notify(%(channel)s, 'bind') FROM bound LIMIT 1
 
 -- name: unbind
 DELETE FROM {schema}.bindings

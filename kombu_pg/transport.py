@@ -906,9 +906,10 @@ class Transport(virtual.Transport):
             now = monotonic()
             if deadline is not None and now >= deadline:
                 raise socket.timeout()
-            round_due = self.db.housekeeper.next_round()
-            wait = max(min([self._next_poll, *self._due.values(), *([round_due] if round_due is not None else [])])
-                       - now, 0.001) if self.consumed_queues() else self.polling_interval
+            due = [self._next_poll, *self._due.values()]
+            if (round_due := self.db.housekeeper.next_round()) is not None:
+                due.append(round_due)
+            wait = max(min(due) - now, 0.001) if self.consumed_queues() else self.polling_interval
             if deadline is not None:
                 wait = min(wait, deadline - now)
             self._read_notifications(wait)
