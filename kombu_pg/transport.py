@@ -645,11 +645,12 @@ class Transport(virtual.Transport):
         statement for all consumed queues, which also keeps them alive and may elect this
         process as the housekeeper. With LISTEN working, an idle consumer doubles the time to
         its next poll up to max_polling_interval; without, it polls every polling_interval."""
-        longest = self.options.idle_polling_interval
+        longest, started = self.options.idle_polling_interval, monotonic()
         rows = self.db.run(self.db.q.poll, {
             "queues": sorted(consumed), "hold_s": 2 * longest, "refresh_s": 1.5 * longest,
             **self.db.housekeeper.poll_params()}, fetch=True)
-        self._next_poll = monotonic() + self._poll_interval
+        # From before the statement: the event loop's tick (1 s) must find the next one due.
+        self._next_poll = started + self._poll_interval
         if self._listening():
             self._poll_interval = min(2 * self._poll_interval, longest)
         for queue, ready, _ in rows:
