@@ -2,8 +2,8 @@
 
 A round drops expired queues (x-expires) and messages (TTL), returns expired leases to their
 queues (or dead-letters them at the delivery cap) and wakes those queues' consumers, and moves
-expired tasks nobody took to the dead letters. Run by every consumer, this cost the server a
-few transactions per second per idle worker; one process suffices.
+expired tasks nobody took to the dead letters. One process suffices: run by every consumer,
+the rounds would make up most of what idle workers cost the server.
 
 The election is a lease in a one-row table (migration 0007), so it needs no session of its own
 and works behind a pooler: consumers take it at their safety-net poll once it has run out (see
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import secrets
 import threading
 import weakref
@@ -44,7 +43,6 @@ class Housekeeper:
     def __init__(self, db):
         self.db = db
         self._holder: str | None = None
-        self._holder_pid = None
         self._leader = False
         self._next_round = 0.0  # monotonic
         self._lock = threading.Lock()  # the transports of a process share one housekeeper
@@ -52,15 +50,12 @@ class Housekeeper:
 
     @property
     def holder(self) -> str:
-        """This process in the housekeeper row: its name as in its connections' names, and a
-        random part (process ids repeat across hosts and containers)."""
-        if self._holder is None or self._holder_pid != os.getpid():
-            self._holder, self._holder_pid = f"{config.client_name()} {secrets.token_hex(3)}", os.getpid()
+        """This process in the housekeeper row: its name as in its connections' names (once a
+        Celery worker set it), and a random part (process ids repeat across hosts and containers).
+        Each process has its own Database, hence its own Housekeeper."""
+        if self._holder is None:
+            self._holder = f"{config.client_name()} {secrets.token_hex(3)}"
         return self._holder
-
-    @property
-    def leader(self) -> bool:
-        return self._leader
 
     def poll_params(self) -> dict:
         return {"holder": self.holder, "lease_s": self.db.options.housekeeper_lease}

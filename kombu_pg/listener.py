@@ -16,8 +16,9 @@ from .failover import writable
 logger = logging.getLogger(__name__)
 
 
-#: Payload prefix of the NOTIFY a new binding sends: "bind <exchange>" (see Database.unroutable).
-BIND_PREFIX = "bind "
+#: Payload of the NOTIFY a new binding sends (see Database.unroutable): no queue's wake-up,
+#: which starts with a number.
+BOUND = "bind"
 
 
 class Listener:
@@ -68,7 +69,7 @@ class Listener:
         woken: dict[str, float] = {}
         while (note := pgconn.notifies()) is not None:
             payload = note.extra.decode()
-            if payload.startswith(BIND_PREFIX):
+            if payload == BOUND:
                 self.db.bound()
                 continue
             delay_ms, _, queue = payload.partition(" ")

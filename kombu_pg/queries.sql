@@ -188,10 +188,9 @@ DELETE FROM {schema}.messages WHERE queue = %(queue)s
 
 -- name: poll
 -- A consumer's safety-net poll: one statement for all the queues it consumes, rare when idle
--- (see Transport._poll). Per queue: whether a message is deliverable now (as the claim sees it,
--- but expired leases count: the claim skips those at their delivery cap), and else the seconds
--- until the earliest delayed message (an ETA, a retry backoff) becomes visible, so that a
--- consumer that was not listening when its NOTIFY went out still wakes up on time.
+-- (see Transport._poll). Per queue: whether a message is deliverable now, as the claim sees it
+-- and in the claim's order, so that the claim index serves it (expired leases count: the claim
+-- skips those at their delivery cap, for the reaper).
 -- Two more duties, so that an idle consumer costs one transaction per poll:
 -- `touched` keeps the queues alive (x-expires): last_used is set `hold_s` ahead, past the
 -- consumer's next poll, and written again only when less than `refresh_s` remains, so a busy
@@ -213,12 +212,22 @@ WITH touched AS (
     RETURNING h.holder
 )
 SELECT q.queue,
-       EXISTS (SELECT 1 FROM {schema}.messages
-               WHERE queue = q.queue AND visible_at <= now() AND {unleased}
-                 AND (expires_at IS NULL OR expires_at > now() OR task_id IS NOT NULL)),
-       (SELECT extract(epoch FROM min(visible_at) - now())::float8 FROM {schema}.messages
-        WHERE queue = q.queue AND visible_at > now()),
+       coalesce((SELECT true FROM {schema}.messages
+                 WHERE queue = q.queue AND visible_at <= now() AND {unleased}
+                   AND (expires_at IS NULL OR expires_at > now() OR task_id IS NOT NULL)
+                 ORDER BY priority DESC, visible_at, id
+                 LIMIT 1), false),
        EXISTS (SELECT 1 FROM elected)
+FROM unnest(%(queues)s::text[]) AS q(queue)
+
+-- name: next_due
+-- Per queue, the seconds until its earliest delayed message (an ETA, a retry backoff) becomes
+-- visible. A consumer asks when it starts listening or consuming a queue, and after a LISTEN
+-- reconnect: the NOTIFY that said when was sent while it did not listen. (Otherwise the
+-- NOTIFYs say it: this walks every delayed message of the queue, so it is not run per poll.)
+SELECT q.queue,
+       (SELECT extract(epoch FROM min(visible_at) - now())::float8 FROM {schema}.messages
+        WHERE queue = q.queue AND visible_at > now())
 FROM unnest(%(queues)s::text[]) AS q(queue)
 
 -- name: declare_exchange
@@ -234,16 +243,16 @@ WITH b AS (DELETE FROM {schema}.bindings WHERE exchange = %(exchange)s)
 DELETE FROM {schema}.exchanges WHERE name = %(exchange)s
 
 -- name: bind
--- A new binding tells listening processes that publishes to the exchange may be stored now:
--- they stop skipping those that matched no queue (Database.unroutable). "bind <exchange>" does
--- not start with a digit, so it is no queue's wake-up.
+-- A new binding tells listening processes that publishes may be stored now where they matched
+-- no queue before: they stop skipping those (Database.unroutable). The payload "bind" does not
+-- start with a number, so it is no queue's wake-up.
 WITH bound AS (
     INSERT INTO {schema}.bindings (exchange, routing_key, pattern, queue)
     VALUES (%(exchange)s, %(routing_key)s, %(pattern)s, %(queue)s)
     ON CONFLICT DO NOTHING
     RETURNING exchange
 )
-SELECT pg_notify(%(channel)s, 'bind ' || exchange) FROM bound
+SELECT pg_notify(%(channel)s, 'bind') FROM bound LIMIT 1
 
 -- name: unbind
 DELETE FROM {schema}.bindings

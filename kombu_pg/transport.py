@@ -520,6 +520,7 @@ class Transport(virtual.Transport):
         self._listener: Listener | None = None
         self._ready: set[str] = set()  # queues that may have deliverable messages
         self._due: dict[str, float] = {}  # queue -> monotonic time its next known message is due
+        self._due_unknown: set[str] = set()  # queues whose delayed messages' wake-ups we may have missed
         self._buffered: collections.deque = collections.deque()  # claimed, not yet delivered
         self._hot: tuple | None = None  # (channel, queue) whose last claim came back full
         self._ahead: tuple | None = None  # (channel, queue, limit, Pending) of a claim sent ahead
@@ -566,6 +567,7 @@ class Transport(virtual.Transport):
 
     def wake(self, queues) -> None:
         self._ready.update(queues)
+        self._due_unknown.update(queues)
         self._activity()
         self.db.housekeeper.consuming(self)
 
@@ -633,9 +635,10 @@ class Transport(virtual.Transport):
         fd = self._listener.connect()  # raises a connection error: the consumer reconnects
         if self._hub is not None:
             self._hub.add_reader(fd, self._on_readable)
-        # Reconcile: whatever was notified while nobody listened. Claim every queue, and poll
-        # now for the delayed messages whose wake-ups were lost.
+        # Reconcile: whatever was notified while nobody listened. Claim every queue, and ask
+        # when the delayed messages whose wake-ups were lost are due.
         self._ready |= self.consumed_queues()
+        self._due_unknown |= self.consumed_queues()
         self._poll_interval, self._next_poll = self.options.polling_interval, 0.0
 
     def _on_due(self, queue) -> None:
@@ -659,6 +662,8 @@ class Transport(virtual.Transport):
             return
         if now >= self._next_poll:
             self._poll(consumed)
+        if self._due_unknown:
+            self._ask_when_due(consumed)
         self.sweep()
 
     def _poll(self, consumed: set[str]) -> None:
@@ -666,20 +671,28 @@ class Transport(virtual.Transport):
         statement for all consumed queues, which also keeps them alive and may elect this
         process as the housekeeper. With LISTEN working, an idle consumer doubles the time to
         its next poll up to max_polling_interval; without, it polls every polling_interval."""
-        longest = self.options.idle_polling_interval
+        longest, started = self.options.idle_polling_interval, monotonic()
         rows = self.db.run(self.db.q.poll, {
             "queues": sorted(consumed), "hold_s": 2 * longest, "refresh_s": 1.5 * longest,
             **self.db.housekeeper.poll_params()}, fetch=True)
-        self._next_poll = monotonic() + self._poll_interval
+        # From before the statement: the event loop's tick (1 s) must find the next one due.
+        self._next_poll = started + self._poll_interval
         if self._listening():
             self._poll_interval = min(2 * self._poll_interval, longest)
-        for queue, ready, delay, elected in rows:
+        for queue, ready, _ in rows:
             if ready:
                 self._ready.add(queue)
-            elif delay is not None:
-                self._wake_at(queue, delay)
-        if rows and rows[0][3]:
+        if rows and rows[0][2]:
             self.db.housekeeper.elected()
+
+    def _ask_when_due(self, consumed: set[str]) -> None:
+        """Timers for the delayed messages (ETA, retry backoff) of queues we started consuming
+        or listening for: their NOTIFYs, which say when, went out before."""
+        queues, self._due_unknown = sorted(self._due_unknown & consumed), set()
+        if queues:
+            for queue, delay in self.db.run(self.db.q.next_due, {"queues": queues}, fetch=True):
+                if delay is not None:
+                    self._wake_at(queue, delay)
 
     def sweep(self) -> None:
         """A housekeeping round, when this process is the elected housekeeper and one is due:
@@ -932,9 +945,10 @@ class Transport(virtual.Transport):
             now = monotonic()
             if deadline is not None and now >= deadline:
                 raise socket.timeout()
-            round_due = self.db.housekeeper.next_round()
-            wait = max(min([self._next_poll, *self._due.values(), *([round_due] if round_due is not None else [])])
-                       - now, 0.001) if self.consumed_queues() else self.polling_interval
+            due = [self._next_poll, *self._due.values()]
+            if (round_due := self.db.housekeeper.next_round()) is not None:
+                due.append(round_due)
+            wait = max(min(due) - now, 0.001) if self.consumed_queues() else self.polling_interval
             if deadline is not None:
                 wait = min(wait, deadline - now)
             self._read_notifications(wait)

@@ -275,3 +275,21 @@ def test_delayed_messages_published_while_nobody_listened_run_on_time(make_app, 
     # At their ETA, within the event loop's tick (1 s) and the hand-over; the polls about 15
     # and 31 s after a worker started would find them several seconds late.
     assert statistics.median(late) <= 2.0, late
+
+
+@pytest.mark.slow
+def test_without_listen_an_idle_worker_keeps_polling_every_polling_interval(make_app, procs, env):
+    # Poll-only mode (e.g. behind a pooler in transaction mode): no wake-up ever comes, so the
+    # poll must not back off, however long the worker has been idle.
+    app = make_app(transport_options={"listen": False, "max_polling_interval": 60})
+    procs.worker(app, pool="solo", concurrency=1)
+    waits = []
+    for attempt in range(3):
+        time.sleep(16)  # backing off, the poll would now come 16 s apart
+        sent = env.db.scalar("SELECT clock_timestamp()")
+        app.mark.delay(f"polled{attempt}")
+        [run] = env.wait_runs(1, f"polled{attempt}", timeout=90)
+        waits.append((run["started_at"] - sent).total_seconds())
+    print(f"\npublish to start without LISTEN: {', '.join(f'{w:.2f}' for w in waits)} s")
+    # polling_interval (1 s), plus the claim and the hand-over.
+    assert statistics.median(waits) <= 2.0, waits

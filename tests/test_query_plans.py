@@ -48,3 +48,13 @@ def test_claim_uses_the_claim_index_at_100k_rows(env, deep_schema, queue):
     assert scans, json.dumps(result, indent=1)
     assert all(n["Node Type"] != "Seq Scan" for n in scans), json.dumps(result, indent=1)
     assert any(n.get("Index Name") == "messages_claim_idx" for n in scans), json.dumps(result, indent=1)
+
+
+def test_poll_uses_the_claim_index_at_100k_rows(env, deep_schema):
+    """The safety-net poll of a ready and a delayed queue of 100k rows each: by the claim index."""
+    q = for_schema(deep_schema)
+    result = plan(env.url, q.poll, {"queues": ["deep", "later"], "hold_s": 60, "refresh_s": 45,
+                                    "holder": "plan", "lease_s": 15})
+    scans = [n for n in nodes(result["Plan"]) if n.get("Relation Name") == "messages"]
+    assert scans, json.dumps(result, indent=1)
+    assert all(n.get("Index Name") == "messages_claim_idx" for n in scans), json.dumps(result, indent=1)
