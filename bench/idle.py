@@ -14,11 +14,9 @@ same measurement with no consumer running.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psycopg
 
@@ -47,18 +45,6 @@ for thread in threads:
 '''
 
 
-def server_cpu_seconds(server) -> float:
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in server._server_pids():
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / ticks
-
-
 def measure(conn, server, seconds: float) -> tuple[float, float]:
     """Server transactions per second and share of a core over ``seconds``."""
     def xacts():
@@ -66,11 +52,11 @@ def measure(conn, server, seconds: float) -> tuple[float, float]:
         return conn.execute("SELECT xact_commit + xact_rollback FROM pg_stat_database"
                             " WHERE datname = current_database()").fetchone()[0]
 
-    before, cpu, started = xacts(), server_cpu_seconds(server), time.monotonic()
+    before, cpu, started = xacts(), server.cpu_seconds(), time.monotonic()
     time.sleep(seconds)
     time.sleep(1.5)  # sessions report their statistics when idle, at most once a second
     elapsed = time.monotonic() - started - 1.5
-    return (xacts() - before) / elapsed, (server_cpu_seconds(server) - cpu) / elapsed
+    return (xacts() - before) / elapsed, (server.cpu_seconds() - cpu) / elapsed
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-from typing import Callable, Iterator
+from typing import Callable
 
 import psycopg
 

@@ -15,13 +15,12 @@ import re
 import socket
 import statistics
 import time
-from pathlib import Path
 
 import psycopg
 import pytest
 from psycopg import sql
 
-from conftest import console_script, dead_letters, unique, wait_for
+from conftest import console_script, dead_letters, wait_for
 
 IDLE_WORKERS = 5
 SETTLE_SECONDS = 40  # the poll backs off 1, 2, 4, 8, 16 s, then stays at 30 s
@@ -38,28 +37,14 @@ def server_xacts(conn: psycopg.Connection) -> int:
                         " WHERE datname = current_database()").fetchone()[0]
 
 
-def server_cpu_seconds(server) -> float:
-    """User and system CPU time of the server's processes (postmaster, backends, background
-    workers; exited backends are not counted, and idle workers' sessions do not exit)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in server._server_pids():
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / ticks
-
-
 def rate(conn, server, seconds: float) -> tuple[float, float]:
     """Server transactions per second and CPU share of a core over ``seconds``."""
     conn.execute("SELECT pg_stat_clear_snapshot()")
-    xacts, cpu, started = server_xacts(conn), server_cpu_seconds(server), time.monotonic()
+    xacts, cpu, started = server_xacts(conn), server.cpu_seconds(), time.monotonic()
     time.sleep(seconds)
     time.sleep(1.5)  # the sessions report their statistics when idle, at most once a second
     elapsed = time.monotonic() - started - 1.5
-    return (server_xacts(conn) - xacts) / elapsed, (server_cpu_seconds(server) - cpu) / elapsed
+    return (server_xacts(conn) - xacts) / elapsed, (server.cpu_seconds() - cpu) / elapsed
 
 
 def app_on(make_app, server, **transport_options):

@@ -228,6 +228,19 @@ class PrivateServer:
                         children.append(int(entry.name))
         return [postmaster, *children]
 
+    def cpu_seconds(self) -> float:
+        """User and system CPU time of the server's processes (postmaster, backends, background
+        workers; exited backends are not counted, and idle clients' sessions do not exit)."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for pid in self._server_pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / ticks
+
     def freeze(self) -> None:
         """SIGSTOP every server process: the server stops answering, its sockets stay open."""
         self._frozen = self._server_pids()
