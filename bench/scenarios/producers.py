@@ -6,7 +6,11 @@ held producer per process, as in celery_e2e). The producers connect first and ar
 together. Per case:
 - tasks/s: `n` over the time from the first publish to the start of the last task;
 - publish/s: `n` over the time from the first publish to the last one returning, all producers;
-- publish latency p50/p99: the duration of each apply_async call, over all producers.
+- publish latency p50/p99: the duration of each apply_async call, over all producers;
+- CPU per task (ms), where the machine's two cores went: the producer processes (their own
+  process time over the publish loop), the worker (main process and pool children), and the
+  broker's server processes (postgres, beam.smp or redis-server, by process name, machine-wide:
+  run it on an otherwise quiet machine), each summed from the first publish to the last start.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import contextlib
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 from .. import celery_app, procs, stats
 
@@ -33,13 +39,13 @@ def send_timed(endpoint, queue: str, n: int, ready, go) -> dict:
         producer.connection.ensure_connection(max_retries=3)  # connecting is not publishing
         ready.set()
         go.wait()
-        start = time.time()
+        start, cpu = time.time(), time.process_time()
         for _ in range(n):
             began = time.perf_counter()
             task.apply_async(args=(time.time(),), producer=producer)
             durations.append(time.perf_counter() - began)
-        end = time.time()
-    return {"start": start, "end": end, "durations": durations.tobytes()}
+        end, cpu = time.time(), time.process_time() - cpu
+    return {"start": start, "end": end, "cpu": cpu, "durations": durations.tobytes()}
 
 
 def publish_together(endpoint, queue: str, n: int, producers: int, within: float) -> list[dict]:
@@ -60,6 +66,29 @@ def shares(n: int, parts: int) -> list[int]:
     return [n // parts + (i < n % parts) for i in range(parts)]
 
 
+#: The broker's server processes, by name.
+SERVER_PROCESSES = {"kombu-pg": {"postgres"}, "redis": {"redis-server"}, "rabbitmq": {"beam.smp"}}
+
+
+def cpu_seconds(processes) -> float:
+    total = 0.0
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def worker_tree(pid: int) -> list:
+    main = psutil.Process(pid)
+    return [main, *main.children(recursive=True)]
+
+
+def servers(kind: str) -> list:
+    names = SERVER_PROCESSES[kind]
+    return [process for process in psutil.process_iter(["name"]) if process.info["name"] in names]
+
+
 def run(env, p) -> dict:
     metrics = {}
     for pool, concurrency in p["pools"].items():
@@ -71,9 +100,13 @@ def run(env, p) -> dict:
             done = 0
             for producers in p["producers"]:
                 within = 60 + p["n"] / 20
+                server, tree = servers(env.kind), worker_tree(worker.pid)
+                cpu_before = cpu_seconds(server), cpu_seconds(tree)
                 sent = publish_together(env.endpoint, queue, p["n"], producers, within)
                 done += p["n"]
                 worker.wait_started(done, within)
+                cpu_server, cpu_worker = (cpu_seconds(server) - cpu_before[0],
+                                          cpu_seconds(tree) - cpu_before[1])
                 starts = [started for _, started in celery_app.read_records(worker.done_file)[done - p["n"]:]]
                 first = min(s["start"] for s in sent)
                 durations = [d for s in sent for d in array.array("d", s["durations"])]
@@ -83,4 +116,8 @@ def run(env, p) -> dict:
                 latency = stats.latency_ms(durations, "publish")
                 metrics[f"{key}.publish_p50_ms"] = latency["publish_p50_ms"]
                 metrics[f"{key}.publish_p99_ms"] = latency["publish_p99_ms"]
+                per_task_ms = 1000 / p["n"]
+                metrics[f"{key}.cpu_ms_per_task_producers"] = sum(s["cpu"] for s in sent) * per_task_ms
+                metrics[f"{key}.cpu_ms_per_task_worker"] = cpu_worker * per_task_ms
+                metrics[f"{key}.cpu_ms_per_task_server"] = cpu_server * per_task_ms
     return metrics
