@@ -9,8 +9,8 @@ together. Per case:
 - publish latency p50/p99: the duration of each apply_async call, over all producers;
 - CPU per task (ms), where the machine's two cores went: the producer processes (their own
   process time over the publish loop), the worker (main process and pool children), and the
-  broker's server processes (postgres, beam.smp or redis-server, by process name, machine-wide:
-  run it on an otherwise quiet machine), each summed from the first publish to the last start.
+  broker's server (PostgreSQL's postmaster and its children, beam.smp, redis-server), each
+  summed from the first publish to the last start, processes that exited meanwhile included.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from .. import celery_app, procs, stats
+from .. import brokers, celery_app, procs, stats
 
 NAME = "producers"
 KINDS = {"kombu-pg", "redis", "rabbitmq"}
@@ -66,27 +66,28 @@ def shares(n: int, parts: int) -> list[int]:
     return [n // parts + (i < n % parts) for i in range(parts)]
 
 
-#: The broker's server processes, by name.
-SERVER_PROCESSES = {"kombu-pg": {"postgres"}, "redis": {"redis-server"}, "rabbitmq": {"beam.smp"}}
+#: The broker's server process, by name (PostgreSQL's is found through a session of its own).
+SERVER_PROCESS = {"redis": "redis-server", "rabbitmq": "beam.smp"}
 
 
-def cpu_seconds(processes) -> float:
+def tree_cpu_seconds(root: psutil.Process) -> float:
+    """CPU time of ``root`` and its descendants so far, those that exited included: a process
+    that ended was reaped by its parent, which adds its time to the parent's children times
+    (PostgreSQL's backends of producers that disconnected, a worker's pool children)."""
     total = 0.0
-    for process in processes:
+    for process in (root, *root.children(recursive=True)):
         with contextlib.suppress(psutil.Error):
             times = process.cpu_times()
-            total += times.user + times.system
+            total += times.user + times.system + times.children_user + times.children_system
     return total
 
 
-def worker_tree(pid: int) -> list:
-    main = psutil.Process(pid)
-    return [main, *main.children(recursive=True)]
-
-
-def servers(kind: str) -> list:
-    names = SERVER_PROCESSES[kind]
-    return [process for process in psutil.process_iter(["name"]) if process.info["name"] in names]
+def server_root(env) -> psutil.Process:
+    if env.kind == "kombu-pg":  # the postmaster: the parent of any of its sessions
+        with brokers.pg_connect(env.broker.url) as conn:
+            return psutil.Process(conn.info.backend_pid).parent()
+    name = SERVER_PROCESS[env.kind]
+    return next(process for process in psutil.process_iter(["name"]) if process.info["name"] == name)
 
 
 def run(env, p) -> dict:
@@ -100,13 +101,13 @@ def run(env, p) -> dict:
             done = 0
             for producers in p["producers"]:
                 within = 60 + p["n"] / 20
-                server, tree = servers(env.kind), worker_tree(worker.pid)
-                cpu_before = cpu_seconds(server), cpu_seconds(tree)
+                server, tree = server_root(env), psutil.Process(worker.pid)
+                cpu_before = tree_cpu_seconds(server), tree_cpu_seconds(tree)
                 sent = publish_together(env.endpoint, queue, p["n"], producers, within)
                 done += p["n"]
                 worker.wait_started(done, within)
-                cpu_server, cpu_worker = (cpu_seconds(server) - cpu_before[0],
-                                          cpu_seconds(tree) - cpu_before[1])
+                cpu_server, cpu_worker = (tree_cpu_seconds(server) - cpu_before[0],
+                                          tree_cpu_seconds(tree) - cpu_before[1])
                 starts = [started for _, started in celery_app.read_records(worker.done_file)[done - p["n"]:]]
                 first = min(s["start"] for s in sent)
                 durations = [d for s in sent for d in array.array("d", s["durations"])]
