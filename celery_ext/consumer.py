@@ -29,7 +29,7 @@ from kombu_pg.config import ConfigurationError
 from kombu_pg.database import error_entry
 from kombu_pg.transport import Channel, parse_tag
 
-from . import retries
+from . import retries, revoke
 
 logger = logging.getLogger("kombu_pg")
 
@@ -91,6 +91,7 @@ def _guarded_task_handler(create):
 
         def guarded_on_task_received(message):
             try:
+                revoke.note_flagged(message)
                 defect = task_message_defect(message)
                 if defect is not None:
                     return self.on_invalid_task(None, message, InvalidTaskError(defect))
