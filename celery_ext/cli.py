@@ -8,7 +8,7 @@ from kombu_pg import cli as pg_cli
 from kombu_pg import config
 
 
-@click.group(name="pg", help="kombu-pg broker commands (migrate, grants, stats, dlq, beat, metrics) for this app's broker.")
+@click.group(name="pg", help="kombu-pg broker commands (migrate, grants, stats, dlq, task, revoke, purge, beat, metrics) for this app's broker.")
 @click.pass_context
 @handle_preload_options
 def pg(ctx):

@@ -250,6 +250,15 @@ def metrics_command(ctx, port, host):
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from None
 
 
+def _confirmed(question: str) -> bool:
+    """The answer to ``question``; no answer (no terminal, end of input) is no."""
+    try:
+        return click.confirm(question, default=False)
+    except click.Abort:
+        click.echo("")
+        return False
+
+
 def _when(value) -> str:
     return "-" if value is None else f"{value:%Y-%m-%d %H:%M:%S %Z}".strip()
 
@@ -347,7 +356,7 @@ def purge_command(ctx, queues, delayed, leased, force, yes):
         click.echo(f"{c.queue:<40} {c.ready:>8} {c.delayed:>8} {c.leased:>8}")
     kinds = ["ready"] + (["delayed"] if delayed else []) + (["leased"] if leased else [])
     total = sum(getattr(c, kind) for c in counts for kind in kinds)
-    if not yes and not click.confirm(f"delete about {total} {', '.join(kinds)} message(s)?", default=False):
+    if not yes and not _confirmed(f"delete about {total} {', '.join(kinds)} message(s)?"):
         raise click.ClickException("nothing deleted")
     gone = _run(admin.purge_queues, queues, delayed=delayed, leased=leased)
     for queue, n in gone.items():
