@@ -80,7 +80,7 @@ def mark_revoked(app, task_ids) -> None:
                            task_id, exc)
 
 
-def marker(app) -> callable:
+def marker(app):
     """``Transport.on_tasks_revoked``: marks REVOKED with the app installed last (a worker's own)."""
     app_ref = weakref.ref(app)
 
