@@ -58,7 +58,7 @@ def test_task_lookup_through_a_tasks_life(make_app, procs, env):
 
     worker = procs.worker(app, name="w1", pool="prefork", concurrency=2)
     assert ready.get(timeout=30) == "ready"
-    assert lookup(procs, env, ready.id)["state"] == "not_found"  # acked
+    wait_for(lambda: lookup(procs, env, ready.id)["state"] == "not_found", 30, what="the ack")
 
     running = app.sleepy.delay("running", 60)
     env.wait_runs(1, "running")
