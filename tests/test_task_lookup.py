@@ -5,7 +5,12 @@ import datetime as dt
 import json
 import uuid
 
+import psycopg
+from psycopg import sql
+
 from conftest import console_script, dead_letters, wait_for
+from kombu_pg import migrate
+from kombu_pg.queries import for_schema
 
 TASKS = '''
 @app.task(bind=True)
@@ -95,3 +100,23 @@ def test_task_lookup_through_a_tasks_life(make_app, procs, env):
     found = lookup(procs, env, unknown)
     assert found["state"] == "revoked" and found["revoked"]["expires_at"]
     assert "revoked" in text(procs, app, unknown)
+
+
+def test_the_claim_records_its_holder_in_hot_updates(env):
+    """Who holds a lease costs the claim no index entry: every claim stays a HOT update."""
+    with psycopg.connect(env.url, autocommit=True) as conn:
+        migrate.migrate(conn, env.broker_schema)
+    q = for_schema(env.broker_schema)
+    table = f'"{env.broker_schema}".messages'
+    with psycopg.connect(env.url) as conn:  # one transaction: its own statistics, rolled back
+        conn.execute(sql.SQL("INSERT INTO {} (queue, payload, task_id) "
+                             "SELECT 'q', 'x', 't' || i FROM generate_series(1, 20) AS i").format(env.t("messages")))
+        rows = conn.execute(q.claim, {"queue": "q", "limit": 50, "max_attempts": 5, "lease_seconds": 30,
+                                      "held": [], "synchronous_commit": "on", "holder": "w9@h[7]"}).fetchall()
+        assert len(rows) == 20 and not any(row[-1] for row in rows)  # none revoked
+        updated, hot = conn.execute("SELECT pg_stat_get_xact_tuples_updated(%s::regclass), "
+                                    "pg_stat_get_xact_tuples_hot_updated(%s::regclass)", (table, table)).fetchone()
+        assert updated == hot == 20
+        assert conn.execute(sql.SQL("SELECT DISTINCT leased_by, leased_at IS NOT NULL FROM {}").format(
+            env.t("messages"))).fetchall() == [("w9@h[7]", True)]
+        conn.rollback()
