@@ -262,13 +262,14 @@ class Admin:
             [DeadLetterSummary(*row) for row in dead],
             Revocation(*revoked) if revoked else None)
 
-    def revoke(self, task_ids, *, expires: float = config.Options.revoke_expires) -> list[revocation.Outcome]:
+    def revoke(self, task_ids, *, expires: float = config.Options.revoke_expires,
+               marked: bool = False) -> list[revocation.Outcome]:
         """Durable revoke without a Celery worker: remove the tasks' waiting messages and record
         the ids for ``expires`` seconds, so that no worker runs them (one started later too).
         Tasks removed here are marked REVOKED in the result backend by the next housekeeping
-        round of a worker (this process knows no result backend)."""
+        round of a worker, unless the caller does (``marked``)."""
         with self.connect() as conn:
-            outcomes = revocation.revoke(conn, self.q, task_ids, expires=expires, unmarked=True)
+            outcomes = revocation.revoke(conn, self.q, task_ids, expires=expires, unmarked=not marked)
         logger.info("kombu_pg: revoked %s: removed %d waiting message(s)", ", ".join(map(str, task_ids)),
                     sum(o.removed for o in outcomes))
         return outcomes

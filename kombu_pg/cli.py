@@ -315,7 +315,11 @@ def task_command(ctx, task_id, as_json):
 def revoke_command(ctx, task_ids, expires):
     if not expires > 0:
         raise click.UsageError("--expires must be more than 0")
-    outcomes = _run(_target(ctx).admin().revoke, task_ids, expires=expires)
+    # Set by `celery -A app pg`: marks removed tasks REVOKED in the app's result backend now.
+    mark = ctx.meta.get("kombu_pg.mark_revoked")
+    outcomes = _run(_target(ctx).admin().revoke, task_ids, expires=expires, marked=mark is not None)
+    if mark is not None:
+        mark(sorted({o.task_id for o in outcomes if o.removed}))
     for task_id in task_ids:
         mine = [o for o in outcomes if o.task_id == task_id]
         for o in mine:

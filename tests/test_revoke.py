@@ -44,6 +44,12 @@ def test_revoked_tasks_are_removed_and_a_worker_started_later_drops_them(make_ap
     # Marked as a worker receiving the revoke would have.
     assert state(app, delayed.id) == "REVOKED" and state(app, ready.id) == "REVOKED"
 
+    # The command, for the app: marks what it removed at once.
+    other = app.mark.delay("other")
+    out = procs.celery(app, "pg", "revoke", other.id)
+    assert out.returncode == 0 and f"{other.id}: removed its ready message" in out.stdout, out.stdout + out.stderr
+    assert rows_of(env, other.id) == [] and state(app, other.id) == "REVOKED"
+
     # A task published again under a revoked id (as Celery's retry does) reaches the table, and
     # the worker started now drops it: it never runs, and its row is settled.
     again = app.mark.apply_async(("again",), task_id=ready.id)
@@ -52,6 +58,7 @@ def test_revoked_tasks_are_removed_and_a_worker_started_later_drops_them(make_ap
     assert kept.get(timeout=30) == "kept"
     wait_for(lambda: rows_of(env, again.id) == [], 30, what="the revoked task's row to be settled")
     assert env.runs("again") == [] and env.runs("ready") == [] and env.runs("delayed") == []
+    assert env.runs("other") == []
     assert state(app, again.id) == "REVOKED"
     assert f"Discarding revoked task: {app.task_name('mark')}[{again.id}]" in worker.log()
     assert worker.alive()
