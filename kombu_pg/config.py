@@ -75,6 +75,9 @@ class Options:
     #: Seconds a Celery task past its ``expires`` may wait for a consumer, which marks it
     #: REVOKED; then the sweeper moves it to the dead letters (reason ``expired``).
     expired_task_grace: float = 60.0
+    #: Seconds a durable revoke (app.control.revoke, `kombu-pg revoke`) is kept: a worker that
+    #: leases a revoked task within this drops it, as Celery's worker_revoke_expires (3 hours).
+    revoke_expires: float = 10800.0
     #: Seconds between vacuums of the messages table by the housekeeping process, when enough
     #: dead rows piled up (autovacuum comes at most once a minute; 0 leaves it to autovacuum
     #: alone). Needs a role that owns the table; others leave it to autovacuum.

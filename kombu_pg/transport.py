@@ -46,6 +46,8 @@ NO_INTEGRATION = ("kombu-pg: the broker is PostgreSQL but the Celery integration
 #: Wake-ups name the queue in a NOTIFY payload, "<ms until visible> <queue>", which PostgreSQL
 #: limits to fewer than 8000 bytes; the delay takes up to 20 (a bigint and the space).
 MAX_QUEUE_NAME_BYTES = 8000 - 1 - 20
+#: The lease holder's name as the claim records it (a column: no need to fit application_name).
+LEASE_HOLDER_BYTES = 255
 
 
 def parse_tag(delivery_tag: str) -> tuple[int, str | None]:
@@ -232,16 +234,18 @@ class Channel(virtual.Channel):
                            "max_attempts": self.options.policy(queue)["max_attempts"],
                            "lease_seconds": self.options.visibility_timeout,
                            "held": self.db.leases.held_literal(),
-                           "synchronous_commit": self.db.lease_commit}
+                           "synchronous_commit": self.db.lease_commit,
+                           # Who holds the lease, for `kombu-pg task`: "<worker name>[<pid>]".
+                           "holder": config.client_name(LEASE_HOLDER_BYTES)}
 
     def claimed(self, queue: str, rows: list[tuple]) -> Claimed:
         """Messages from the claim's rows (libpq text: id, token, delivery count, priority,
-        payload, released, seconds since it expired). A row that cannot become a message goes
+        payload, released, seconds since it expired, revoked). A row that cannot become a message goes
         to the dead letters: it must not stop the consumer, nor hold up the other messages of its
         claim."""
         rows = [(int(id_), token, int(count), int(priority), payload, released == "t",
-                 None if expired_for is None else float(expired_for))
-                for id_, token, count, priority, payload, released, expired_for in rows]
+                 None if expired_for is None else float(expired_for), revoked == "t")
+                for id_, token, count, priority, payload, released, expired_for, revoked in rows]
         rows.sort(key=lambda row: (-row[3], row[0]))  # RETURNING has no order
         messages, undecodable = Claimed(len(rows)), []
         for row in rows:
@@ -299,7 +303,7 @@ class Channel(virtual.Channel):
                 raise UndecodableMessage(f"the body is not valid {encoding}: {exc}") from None
 
     def _to_payload(self, queue, message_id, token, delivery_count, priority, payload, released,
-                    expired_for) -> dict:
+                    expired_for, revoked) -> dict:
         message = _load_envelope(payload)
         self._check_envelope(message)
         props = message["properties"]
@@ -314,6 +318,10 @@ class Channel(virtual.Channel):
         info["kombu_pg"] = {"id": message_id, "token": str(token) if token else None,
                             "queue": queue, "delivery_count": delivery_count}
         task_id = (message.get("headers") or {}).get("id")
+        if revoked:  # revoked durably (kombu_pg.revocation): the Celery integration drops it
+            info["kombu_pg"]["revoked"] = True
+            logger.info("kombu_pg: message %s of queue %r carries task %s, which was revoked",
+                        message_id, queue, task_id)
         if info["redelivered"]:
             logger.info("kombu_pg: redelivered message %s (task %s) of queue %r, attempt %d",
                         message_id, task_id, queue, delivery_count)
@@ -497,6 +505,9 @@ class Transport(virtual.Transport):
     #: Set by the Celery integration: ``on_tasks_expired(task_ids)`` records tasks the sweeper
     #: moved to the dead letters because they expired with no consumer taking them.
     on_tasks_expired = None
+    #: Set by the Celery integration: ``on_tasks_revoked(task_ids)`` marks REVOKED the tasks whose
+    #: waiting messages `kombu-pg revoke` removed (it has no result backend to do it).
+    on_tasks_revoked = None
 
     def __init__(self, client, **kwargs):
         self.options = config.Options.from_transport_options(client.transport_options)
@@ -706,6 +717,12 @@ class Transport(virtual.Transport):
                         "message(s)", done.queues_gone, done.expired)
         if done.buried:
             self._expired_unclaimed(done.buried)
+        if done.to_mark_revoked and Transport.on_tasks_revoked is not None:
+            try:
+                Transport.on_tasks_revoked(done.to_mark_revoked)
+            except Exception as exc:  # the messages are gone; only their state is not written
+                logger.error("kombu_pg: could not mark %d revoked task(s) REVOKED: %s",
+                             len(done.to_mark_revoked), exc)
 
     def _expired_unclaimed(self, buried: list[tuple]) -> None:
         for message_id, queue, task_id in buried:
