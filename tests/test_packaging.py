@@ -43,10 +43,18 @@ def test_sdist_has_the_code_and_not_the_benchmark_results(tmp_path):
     assert not [n for n in names if n.startswith("bench/") and n.endswith((".png", ".json"))], sorted(names)
 
 
-def test_wheel_registers_the_pytest_plugin(tmp_path):
+def test_wheel_registers_the_pytest_plugin_and_offers_the_result_backend_extra(tmp_path):
     with zipfile.ZipFile(build("wheel", tmp_path)) as wheel:
-        [entry_points] = [n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")]
-        text = wheel.read(entry_points).decode()
+        def read(suffix):
+            [name] = [n for n in wheel.namelist() if n.endswith(suffix)]
+            return wheel.read(name).decode()
+
+        entry_points, metadata = read(".dist-info/entry_points.txt"), read(".dist-info/METADATA")
         names = wheel.namelist()
-    assert "[pytest11]\nkombu_pg = kombu_pg.testing.pytest_plugin" in text, text
-    assert "kombu_pg/testing/pytest_plugin.py" in names
+    assert "[pytest11]\nkombu_pg = kombu_pg.testing.pytest_plugin" in entry_points, entry_points
+    assert {"kombu_pg/testing/pytest_plugin.py", "celery_ext/testing.py"} <= set(names)
+    # The README's result backend needs SQLAlchemy: it says so, and the extra it names exists.
+    assert "Requires-Dist: sqlalchemy>=2.0; extra == 'results'" in metadata
+    readme = (ROOT / "README.md").read_text()
+    backend = readme.index('result_backend = "db+postgresql+psycopg://')
+    assert "pip install 'kombu-pg[results]'" in readme[backend:backend + 300]
