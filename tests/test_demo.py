@@ -60,7 +60,7 @@ def test_sighup_stops_everything_the_demo_started(tmp_path):
         deadline = time.monotonic() + 120
         while not started:
             text = out.read_text(errors="replace")
-            data_dir = data_dir or next(iter(re.findall(r"host=(/\S+)", text)), None)
+            data_dir = data_dir or next(iter(re.findall(r"Broker: \S*host=(/\S*?kombu-pg-[^/\s&]+)", text)), None)
             match = re.search(r"celery worker \(pid (\d+)\) and celery beat \(pid (\d+)\)", text)
             if match:
                 started = [int(match.group(1)), int(match.group(2))]

@@ -178,8 +178,10 @@ def kombu_pg_worker(kombu_pg_broker, request, tmp_path_factory):
         name = f"w{len(workers) + 1}"
         ready = log_dir / f"{name}.ready"
         env = dict(os.environ)
-        # The test process's import path, so that the app and its tasks import as they do here.
-        env["PYTHONPATH"] = os.pathsep.join(p for p in [str(request.config.rootpath), *sys.path] if p)
+        # The test process's own import path entries (not the interpreter's, which the worker
+        # has anyway), so that the app and its tasks import as they do here.
+        own = [p for p in sys.path if p and not p.startswith((sys.prefix, sys.base_prefix))]
+        env["PYTHONPATH"] = os.pathsep.join([str(request.config.rootpath), *own])
         env["PYTHONUNBUFFERED"] = "1"
         env["KOMBU_PG_TEST_SETTINGS"] = json.dumps({**kombu_pg_broker.celery_config, **(settings or {})})
         env["KOMBU_PG_TEST_READY"] = str(ready)
