@@ -98,7 +98,6 @@ class Broker:
             migrate.migrate(conn, self.schema)
 
     def drop(self) -> None:
-        import psycopg
         from psycopg import sql
 
         from kombu_pg import database
