@@ -18,7 +18,8 @@ from . import revoke
 def pg(ctx):
     app = ctx.obj.app
     url = app.conf.broker_url
-    if not isinstance(url, str) or url.partition("://")[0].lower() not in config.SCHEMES:
+    # postgresql+psycopg:// passes here, to be refused by the command with the URL to write.
+    if not isinstance(url, str) or url.partition("://")[0].partition("+")[0].lower() not in config.SCHEMES:
         raise click.UsageError(f"this app's broker is not PostgreSQL ({config.mask_url(str(url))})")
     schema = (app.conf.broker_transport_options or {}).get("schema", config.Options.schema)
     ctx.meta["kombu_pg.target"] = pg_cli.Target(url, schema)

@@ -36,7 +36,8 @@ def uses_pg_broker(app) -> bool:
     if not isinstance(url, str):
         return False
     scheme = url.split(";", 1)[0].partition("://")[0].lower()
-    return scheme in SCHEMES
+    # postgresql+psycopg:// (SQLAlchemy's form) counts: the worker then rejects it, naming the fix.
+    return scheme.partition("+")[0] in SCHEMES
 
 
 def ensure(app) -> None:
@@ -113,6 +114,20 @@ def _publish_headers(sender=None, headers=None, body=None, **kwargs):
             args, kwargs = (body[0], body[1]) if isinstance(body, (tuple, list)) else ((), {})
             unique_key = unique_key(args, kwargs)
         headers[UNIQUE_KEY_HEADER] = str(unique_key)
+
+
+def check_broker_settings(app) -> None:
+    """A worker with a broken broker URL or transport option exits with the one-line reason,
+    before Celery creates the transport (where the same error comes with a page of traceback)."""
+    if not uses_pg_broker(app):
+        return
+    conn = app.connection_for_read()
+    try:
+        Transport.check_client(conn)
+    except config.ConfigurationError as exc:
+        raise SystemExit(f"kombu-pg: {exc}") from None
+    finally:
+        conn.release()
 
 
 _worker_pid = None

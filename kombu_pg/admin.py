@@ -10,19 +10,34 @@ durable revokes and queue purges.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
 import logging
 import re
-from typing import Callable
+from typing import Callable, Iterator
 
 import psycopg
 
 from . import config, counters, pooler, revocation
+from . import migrate as migrations
 from .queries import for_schema
 
 logger = logging.getLogger(__name__)
+
+
+#: Why a message was dead-lettered: the values of ``dead_letters.reason``.
+REASONS = ("max_attempts", "lease_expired", "max_retries", "rejected", "unregistered",
+           "undecodable", "expired")
+
+#: What PostgreSQL says when a statement names a table, column or function the schema lacks.
+_MISSING_OBJECT = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn,
+                   psycopg.errors.UndefinedFunction, psycopg.errors.InvalidSchemaName)
+
+
+class SchemaNotReady(config.ConfigurationError):
+    """The schema has no broker tables (a mistyped name, or never migrated) or lacks migrations."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,16 +199,46 @@ class Admin:
             conn.execute(self.q.session_setup, self.options.session_params())
         return conn
 
+    @contextlib.contextmanager
+    def session(self) -> Iterator[psycopg.Connection]:
+        """A connection for the statements below: a schema without (all of) the broker's tables
+        is reported as such, naming the fix, rather than as the SQL error it causes."""
+        with self.connect() as conn:
+            try:
+                yield conn
+            except _MISSING_OBJECT as exc:
+                problem = self._schema_problem(conn)
+                if problem is None:
+                    raise
+                raise SchemaNotReady(problem) from exc
+
+    def _schema_problem(self, conn: psycopg.Connection) -> str | None:
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+            conn.rollback()
+        try:
+            missing = migrations.pending(conn, self.schema)
+        except (psycopg.Error, config.ConfigurationError):
+            return None
+        fix = f"`kombu-pg --schema {self.schema} migrate`"
+        if len(missing) == len(migrations.available()):
+            return (f"schema {self.schema!r} has no kombu-pg tables in {self.description}: check the "
+                    f"schema name (--schema, the transport option 'schema'; default "
+                    f"{config.Options.schema!r}), or create the tables with {fix}")
+        if missing:
+            return (f"schema {self.schema!r} lacks migrations {', '.join(f'{v:04d}' for v in missing)}: "
+                    f"run {fix}")
+        return None
+
     def dead_letters(self, filter: Filter = Filter(), *, after: int = 0,
                      limit: int = 50, **filters) -> list[DeadLetterSummary]:
         """One page of dead letters with id > ``after``, oldest first."""
         filter = dataclasses.replace(filter, **filters)
-        with self.connect() as conn:
+        with self.session() as conn:
             rows = conn.execute(self.q.dlq_list, dict(filter.params(), after=after, limit=limit)).fetchall()
         return [DeadLetterSummary(*row) for row in rows]
 
     def dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
-        with self.connect() as conn:
+        with self.session() as conn:
             row = conn.execute(self.q.dlq_get, {"id": dead_letter_id}).fetchone()
         if row is None:
             return None
@@ -208,7 +253,7 @@ class Admin:
         """Put matching dead letters back on their queues, all or none; returns how many."""
         filter = dataclasses.replace(filter, **filters)
         total, after = 0, 0
-        with self.connect() as conn, conn.transaction():
+        with self.session() as conn, conn.transaction():
             while True:
                 count, last_id, _ = conn.execute(self.q.dlq_replay_batch, dict(
                     filter.params(), after=after, limit=batch, channel=self.channel)).fetchone()
@@ -223,18 +268,18 @@ class Admin:
 
     def count(self, filter: Filter = Filter(), **filters) -> int:
         filter = dataclasses.replace(filter, **filters)
-        with self.connect() as conn:
+        with self.session() as conn:
             return conn.execute(self.q.dlq_count, filter.params()).fetchone()[0]
 
     def purge(self, filter: Filter = Filter(), **filters) -> int:
         """Delete matching dead letters; returns how many."""
         filter = dataclasses.replace(filter, **filters)
-        with self.connect() as conn:
+        with self.session() as conn:
             return conn.execute(self.q.dlq_purge, filter.params()).rowcount
 
     def stats(self) -> dict:
         """Per queue: ready, delayed, leased, oldest ready age; dead letters by queue and reason."""
-        with self.connect() as conn:
+        with self.session() as conn:
             queues = conn.execute(self.q.stats_queues, {}).fetchall()
             dead = conn.execute(self.q.stats_dead_letters, {}).fetchall()
         return {

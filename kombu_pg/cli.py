@@ -11,7 +11,7 @@ import psycopg
 
 from . import beat_admin, config, grants
 from . import migrate as migrations
-from .admin import Admin, Filter
+from .admin import REASONS, Admin, Filter
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -147,8 +147,7 @@ def _filter_options(f):
     for option in reversed([
         click.option("--queue", help="Only this queue."),
         click.option("--task", help="Only this task name."),
-        click.option("--reason", help="Only this reason (max_attempts, lease_expired, rejected, "
-                                      "max_retries, unregistered, undecodable, ...)."),
+        click.option("--reason", type=click.Choice(REASONS), help="Only this reason."),
         click.option("--older-than", type=Duration(), help="Dead-lettered longer ago than this (30s, 2h, 7d)."),
         click.option("--newer-than", type=Duration(), help="Dead-lettered within this long."),
     ]):
@@ -208,11 +207,31 @@ def dlq_replay(ctx, ids, queue, task, reason, older_than, newer_than, replay_all
     if not ids and not replay_all:
         raise click.UsageError("give dead letter ids, or --all (with optional filters)")
     admin = _target(ctx).admin()
+    if ids:
+        _check_replayable(admin, sorted(set(ids)))
     selection = Filter(queue, task, reason, older_than, newer_than, replayed=False, ids=list(ids) or None)
     total = _run(admin.count, selection)
     with click.progressbar(length=total, label="replaying", file=sys.stderr) as bar:
         replayed = _run(admin.replay, selection, progress=bar.update)
     click.echo(f"replayed {replayed} dead letter(s)")
+    if ids and replayed < len(set(ids)):
+        raise click.ClickException(f"replayed {replayed} of the {len(set(ids))} dead letters given: "
+                                   "the others do not match the filters, or were replayed meanwhile")
+
+
+def _check_replayable(admin: Admin, ids: list[int]) -> None:
+    """Every id given names a dead letter not replayed yet; otherwise nothing is replayed."""
+    found = {row.id: row for row in _run(admin.dead_letters, Filter(ids=ids), limit=len(ids))}
+    problems = []
+    unknown = [i for i in ids if i not in found]
+    if unknown:
+        problems.append(f"no dead letter with id {', '.join(map(str, unknown))}")
+    done = [i for i in ids if i in found and found[i].replayed_at]
+    if done:
+        problems.append(f"dead letter {', '.join(map(str, done))} already replayed (a replayed "
+                        "message that fails again comes back as a new dead letter: see dlq list)")
+    if problems:
+        raise click.ClickException("; ".join(problems) + "; nothing replayed")
 
 
 @dlq.command("purge", help="Delete dead letters older than a duration, or already replayed ones.")

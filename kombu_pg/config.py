@@ -318,6 +318,13 @@ def to_conninfo(url: str) -> str:
     if len(urls) > 1 and all("://" in part for part in urls):
         return failover_conninfo(urls)
     scheme, sep, rest = url.partition("://")
+    base, plus, driver = scheme.partition("+")
+    if sep and plus and base.lower() in SCHEMES:
+        # SQLAlchemy's form (a result backend URL copied into broker_url): say so, rather than
+        # what Kombu makes of it (transport 'postgresql', URL 'psycopg://...').
+        raise ConfigurationError(
+            f"invalid PostgreSQL broker URL {mask_url(url)!r}: '+{driver}' names a SQLAlchemy "
+            f"driver, which a broker URL does not take: write {mask_url(f'{base}://{rest}')!r}")
     if not sep or scheme.lower() not in SCHEMES:
         raise ConfigurationError(
             f"invalid PostgreSQL broker URL {mask_url(url)!r}: expected postgresql://, postgres:// or pg://")

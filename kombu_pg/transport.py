@@ -510,21 +510,14 @@ class Transport(virtual.Transport):
     on_tasks_revoked = None
 
     def __init__(self, client, **kwargs):
-        self.options = config.Options.from_transport_options(client.transport_options)
+        self.options, conninfo = self.check_client(client)
         super().__init__(client, **kwargs)
         self.polling_interval = self.options.polling_interval
-        hostname = client.hostname or ""
-        if "://" in hostname and len(client.alt) > 1:  # a failover list, url1;url2
-            conninfo = config.to_conninfo(";".join(client.alt))
+        if len(client.alt) > 1 and "://" in (client.hostname or ""):
             # libpq tries every host at each connect. Kombu would instead switch the connection
             # to the next URL after an error, parsing it as an HTTP URL: libpq parameters fail
             # that (a TypeError), a host list too, and the URL's options would be lost.
             client.cycle = None
-        elif "://" in hostname:
-            conninfo = config.to_conninfo(hostname)
-        else:
-            conninfo = config.conninfo_from_parts(hostname, client.port, client.userid,
-                                                  client.password, client.virtual_host)
         self.db = database.get(conninfo, self.options, config.mask_url(conninfo))
         self._listen_conninfo = config.to_conninfo(self.options.listen_url) if self.options.listen_url else None
         self._poll_only = not self.options.listen
@@ -542,6 +535,27 @@ class Transport(virtual.Transport):
         self._timer = None
         self._next_poll = 0.0  # monotonic time of the next safety-net poll
         self._poll_interval = self.options.polling_interval  # the wait after that poll
+
+    @staticmethod
+    def check_client(client) -> tuple[config.Options, str]:
+        """The options and libpq connection string of a ``kombu.Connection``, validated without
+        connecting; raises config.ConfigurationError (one line, no password)."""
+        options = config.Options.from_transport_options(client.transport_options)
+        if options.listen_url:
+            config.to_conninfo(options.listen_url)
+        hostname = client.hostname or ""
+        if "://" in hostname and len(client.alt) > 1:  # a failover list, url1;url2
+            return options, config.to_conninfo(";".join(client.alt))
+        if "://" in hostname:
+            alias = client.transport_cls
+            written_scheme = hostname.partition("://")[0].lower()
+            if (isinstance(alias, str) and alias.lower() in config.SCHEMES
+                    and written_scheme not in config.SCHEMES):
+                # Kombu took 'postgresql+psycopg://' apart: the error names the URL as written.
+                hostname = f"{alias}+{hostname}"
+            return options, config.to_conninfo(hostname)
+        return options, config.conninfo_from_parts(hostname, client.port, client.userid,
+                                                   client.password, client.virtual_host)
 
     def driver_version(self):
         return psycopg.__version__

@@ -140,6 +140,12 @@ def pg_url():
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def kombu_pg_server_url(pg_url):
+    """The server of kombu-pg's pytest plugin fixtures (kombu_pg_broker, ...): this suite's."""
+    return pg_url
+
+
 class Database:
     """An autocommit connection to the test database with a few query helpers."""
 
