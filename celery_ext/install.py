@@ -14,7 +14,7 @@ from kombu_pg import config
 from kombu_pg.config import SCHEMES
 from kombu_pg.transport import MAX_ATTEMPTS_HEADER, UNIQUE_KEY_HEADER, Transport
 
-from . import consumer, inflight, metrics, retries, secrets
+from . import consumer, inflight, metrics, peers, retries, secrets
 
 logger = logging.getLogger("kombu_pg")
 
@@ -63,6 +63,7 @@ def install(app) -> None:
     Transport.on_tasks_expired = functools.partial(_revoke_expired, weakref.ref(app))
     inflight.install()
     consumer.install()
+    peers.install()
     signals.before_task_publish.connect(_publish_headers, weak=False, dispatch_uid="kombu_pg.publish")
     signals.worker_init.connect(_name_worker, weak=False, dispatch_uid="kombu_pg.name_worker")
     signals.worker_process_init.connect(_name_child, weak=False, dispatch_uid="kombu_pg.name_child")

@@ -24,7 +24,7 @@ from kombu.transport.virtual.exchange import TopicExchange
 from kombu.utils.json import dumps, loads
 from psycopg_pool import PoolTimeout
 
-from . import atomic, config, counters, database
+from . import atomic, config, counters, database, green
 from .database import error_entry
 from .listener import Listener
 
@@ -499,6 +499,7 @@ class Transport(virtual.Transport):
     on_tasks_expired = None
 
     def __init__(self, client, **kwargs):
+        green.cooperate()
         self.options = config.Options.from_transport_options(client.transport_options)
         super().__init__(client, **kwargs)
         self.polling_interval = self.options.polling_interval
