@@ -87,3 +87,42 @@ def test_workers_see_each_other_come_and_go_through_gossip(make_app, procs, env)
     wait_for(lambda: seen("join", first, third), 30, what="the first worker to see the third join")
     wait_for(lambda: seen("join", third, first), 30, what="the third worker to see the first")
     assert not any(r["hostname"] == quiet.hostname for r in env.runs("join")), env.runs("join")
+
+
+def test_short_lived_broadcast_queues_are_claimed_on_a_timer_without_wake_ups(env, kombu_conn):
+    """Gossip's cost: every heartbeat goes to every worker's gossip queue (auto-delete, not
+    durable, messages expiring within seconds). Producers send no NOTIFY for such a queue,
+    which would wake every LISTEN session of the database; its consumer claims it every half
+    of its TTL. A longer-lived queue on the same exchange still gets its wake-up."""
+    import kombu
+    import psycopg
+    from psycopg import sql
+
+    exchange = kombu.Exchange("broadcasts", type="topic", durable=False)
+    polled = kombu.Queue("broadcasts.polled", exchange, routing_key="worker.#", auto_delete=True,
+                         durable=False, message_ttl=2)
+    woken = kombu.Queue("broadcasts.woken", exchange, routing_key="worker.#", auto_delete=True,
+                        durable=False, message_ttl=60)
+    got = []
+    consumer_conn = kombu_conn()
+    with psycopg.connect(env.url, autocommit=True) as listener, \
+            kombu.Consumer(consumer_conn, [polled, woken], accept=["json"],
+                           callbacks=[lambda body, message: (got.append((message.delivery_info["kombu_pg"]["queue"], body)),
+                                                             message.ack())]):
+        listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(f"kombu_pg.{env.broker_schema}")))
+        with kombu_conn() as producer_conn:
+            producer_conn.Producer().publish({"n": 1}, exchange=exchange, routing_key="worker.heartbeat",
+                                             serializer="json", retry=True)
+
+        def both():
+            try:
+                consumer_conn.drain_events(timeout=0.5)
+            except TimeoutError:
+                pass
+            return len(got) == 2
+
+        wait_for(both, 20, interval=0, what=lambda: f"both queues to deliver (got {got})")
+        listener.execute("SELECT 1")  # collects the notifications sent meanwhile
+        woken_up = {note.payload.partition(" ")[2] for note in listener.notifies(timeout=0.5)}
+    assert sorted(got) == [("broadcasts.polled", {"n": 1}), ("broadcasts.woken", {"n": 1})]
+    assert "broadcasts.woken" in woken_up and "broadcasts.polled" not in woken_up, woken_up
