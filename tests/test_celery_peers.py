@@ -87,6 +87,8 @@ def test_workers_see_each_other_come_and_go_through_gossip(make_app, procs, env)
     wait_for(lambda: seen("join", first, third), 30, what="the first worker to see the third join")
     wait_for(lambda: seen("join", third, first), 30, what="the third worker to see the first")
     assert not any(r["hostname"] == quiet.hostname for r in env.runs("join")), env.runs("join")
+    # The heartbeats of the live ones kept coming (their gossip queues are claimed on a timer).
+    assert "missed heartbeat" not in first.log(), first.log()
 
 
 def test_short_lived_broadcast_queues_are_claimed_on_a_timer_without_wake_ups(env, kombu_conn):
