@@ -14,7 +14,11 @@ from kombu_pg import config
 from kombu_pg.config import SCHEMES
 from kombu_pg.transport import MAX_ATTEMPTS_HEADER, UNIQUE_KEY_HEADER, Transport
 
+<<<<<<< HEAD
 from . import consumer, inflight, metrics, retries, revoke, scheduled, secrets
+=======
+from . import consumer, inflight, metrics, peers, retries, secrets
+>>>>>>> h/celerysurface
 
 logger = logging.getLogger("kombu_pg")
 
@@ -65,8 +69,12 @@ def install(app) -> None:
     Transport.on_tasks_revoked = revoke.marker(app)
     inflight.install()
     consumer.install()
+<<<<<<< HEAD
     revoke.install()  # app.control.revoke also revokes in the database
     scheduled.install()  # celery inspect scheduled lists the table's delayed tasks
+=======
+    peers.install()
+>>>>>>> h/celerysurface
     signals.before_task_publish.connect(_publish_headers, weak=False, dispatch_uid="kombu_pg.publish")
     signals.worker_init.connect(_name_worker, weak=False, dispatch_uid="kombu_pg.name_worker")
     signals.worker_process_init.connect(_name_child, weak=False, dispatch_uid="kombu_pg.name_child")

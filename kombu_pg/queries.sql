@@ -61,10 +61,16 @@ FROM ins
 -- Route through an exchange in the database, so that bindings made by other processes count.
 -- Returns one row per queue that received the message; none means unroutable (or, with a
 -- unique key, a duplicate in every queue).
+-- No wake-up for a short-lived broadcast queue (auto-delete, not durable, x-message-ttl of 10 s
+-- at most: Celery's gossip and event-receiver queues): its consumer claims it on a timer
+-- instead (Channel.polled_interval). Every worker's heartbeat goes to every worker's gossip
+-- queue; a NOTIFY would wake every LISTEN session of the database for each of them.
 WITH targets AS (
-    SELECT DISTINCT b.queue
+    SELECT DISTINCT b.queue, q.message_ttl,
+           coalesce(q.auto_delete AND NOT q.durable AND q.message_ttl <= interval '10 seconds', false) AS polled
     FROM {schema}.bindings b
     JOIN {schema}.exchanges e ON e.name = b.exchange
+    LEFT JOIN {schema}.queues q ON q.name = b.queue
     WHERE b.exchange = %(exchange)s
       AND CASE e.type
               WHEN 'direct' THEN b.routing_key = %(routing_key)s
@@ -75,14 +81,15 @@ WITH targets AS (
     INSERT INTO {schema}.messages
         (queue, priority, visible_at, expires_at, payload, task_id, task_name, max_attempts, unique_key)
     SELECT t.queue, %(priority)s, coalesce(%(eta)s::timestamptz, now()),
-           least(now() + q.message_ttl, now() + %(ttl_ms)s * interval '1 millisecond'),
+           least(now() + t.message_ttl, now() + %(ttl_ms)s * interval '1 millisecond'),
            %(payload)s, %(task_id)s, %(task_name)s, %(max_attempts)s, %(unique_key)s
     FROM targets t
-    LEFT JOIN {schema}.queues q ON q.name = t.queue
     {on_duplicate_key}
 )
-SELECT queue, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, {schema}.wake_payload(visible_at) || queue) END
+SELECT ins.queue, CASE WHEN %(notify)s AND NOT t.polled
+                       THEN pg_notify(%(channel)s, {schema}.wake_payload(ins.visible_at) || ins.queue) END
 FROM ins
+JOIN targets t ON t.queue = ins.queue
 
 -- name: claim
 -- Lease up to `limit` deliverable messages: ready (visible_at passed) and without a live lease.

@@ -24,7 +24,7 @@ from kombu.transport.virtual.exchange import TopicExchange
 from kombu.utils.json import dumps, loads
 from psycopg_pool import PoolTimeout
 
-from . import atomic, config, counters, database
+from . import atomic, config, counters, database, green
 from .database import error_entry
 from .listener import Listener
 
@@ -43,6 +43,11 @@ NO_INTEGRATION = ("kombu-pg: the broker is PostgreSQL but the Celery integration
                   "this worker: tasks run without lease renewal, server-side retries or dead letters. "
                   "It installs itself at interpreter start through kombu_pg.pth: install kombu-pg "
                   "into this Python's site-packages")
+#: A broadcast queue whose messages expire this soon (x-message-ttl), auto-delete and not
+#: durable (Celery's gossip and event-receiver queues), gets no wake-ups: its consumer claims it
+#: every half of that TTL, at most every polling_interval (the same rule as the publish_routed
+#: statement's).
+POLLED_TTL_MS = 10_000
 #: Wake-ups name the queue in a NOTIFY payload, "<ms until visible> <queue>", which PostgreSQL
 #: limits to fewer than 8000 bytes; the delay takes up to 20 (a bigint and the space).
 MAX_QUEUE_NAME_BYTES = 8000 - 1 - 20
@@ -409,6 +414,16 @@ class Channel(virtual.Channel):
         })
         if auto_delete:
             self._auto_delete_queues.add(queue)
+        interval = self.polled_interval(durable, auto_delete, arguments.get("x-message-ttl"))
+        if interval is not None:
+            self.connection.polled_queues[queue] = interval
+
+    def polled_interval(self, durable, auto_delete, message_ttl_ms) -> float | None:
+        """How often a consumer claims a short-lived broadcast queue, which producers do not
+        wake (see POLLED_TTL_MS); None for every other queue."""
+        if durable or not auto_delete or message_ttl_ms is None or float(message_ttl_ms) > POLLED_TTL_MS:
+            return None
+        return min(float(message_ttl_ms) / 2000, self.options.polling_interval)
 
     def _has_queue(self, queue, **kwargs):
         return self.db.run(self.db.q.has_queue, {"queue": queue}, fetch=True)[0][0]
@@ -428,6 +443,7 @@ class Channel(virtual.Channel):
         self._delete(queue)
         self.state.queue_bindings_delete(queue)
         self._auto_delete_queues.discard(queue)
+        self.connection.polled_queues.pop(queue, None)
 
     # -- exchanges and bindings -------------------------------------------------------------
 
@@ -510,6 +526,7 @@ class Transport(virtual.Transport):
     on_tasks_revoked = None
 
     def __init__(self, client, **kwargs):
+        green.cooperate()
         self.options, conninfo = self.check_client(client)
         super().__init__(client, **kwargs)
         self.polling_interval = self.options.polling_interval
@@ -525,6 +542,7 @@ class Transport(virtual.Transport):
         self._ready: set[str] = set()  # queues that may have deliverable messages
         self._due: dict[str, float] = {}  # queue -> monotonic time its next known message is due
         self._due_unknown: set[str] = set()  # queues whose delayed messages' wake-ups we may have missed
+        self.polled_queues: dict[str, float] = {}  # queue -> seconds between claims (no wake-ups)
         self._buffered: collections.deque = collections.deque()  # claimed, not yet delivered
         self._hot: tuple | None = None  # (channel, queue) whose last claim came back full
         self._ahead: tuple | None = None  # (channel, queue, limit, Pending) of a claim sent ahead
@@ -801,6 +819,12 @@ class Transport(virtual.Transport):
 
     def _after_claim(self, queue: str, messages: Claimed, limit: int) -> None:
         """A claim that came back short drained the queue: wait for a wake-up."""
+        polled = self.polled_queues.get(queue)
+        if polled is not None:  # no wake-ups: claimed on a timer (and no sign of activity)
+            if messages.rows < limit:
+                self._ready.discard(queue)
+            self._wake_at(queue, polled)
+            return
         if messages.rows:
             self._activity()
         if messages.rows < limit:
