@@ -14,11 +14,7 @@ from kombu_pg import config
 from kombu_pg.config import SCHEMES
 from kombu_pg.transport import MAX_ATTEMPTS_HEADER, UNIQUE_KEY_HEADER, Transport
 
-<<<<<<< HEAD
-from . import consumer, inflight, metrics, retries, revoke, scheduled, secrets
-=======
-from . import consumer, inflight, metrics, peers, retries, secrets
->>>>>>> h/celerysurface
+from . import consumer, inflight, metrics, peers, retries, revoke, scheduled, secrets
 
 logger = logging.getLogger("kombu_pg")
 
@@ -69,12 +65,9 @@ def install(app) -> None:
     Transport.on_tasks_revoked = revoke.marker(app)
     inflight.install()
     consumer.install()
-<<<<<<< HEAD
     revoke.install()  # app.control.revoke also revokes in the database
     scheduled.install()  # celery inspect scheduled lists the table's delayed tasks
-=======
-    peers.install()
->>>>>>> h/celerysurface
+    peers.install()  # mingle on; gossip when the app asks for it
     signals.before_task_publish.connect(_publish_headers, weak=False, dispatch_uid="kombu_pg.publish")
     signals.worker_init.connect(_name_worker, weak=False, dispatch_uid="kombu_pg.name_worker")
     signals.worker_process_init.connect(_name_child, weak=False, dispatch_uid="kombu_pg.name_child")

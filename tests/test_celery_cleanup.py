@@ -24,7 +24,7 @@ def test_queues_of_killed_worker_and_exited_receiver_expire(make_app, procs, env
     survivor = procs.worker(app, name="w2", pool="solo", concurrency=1,
                             extra_args=("--without-gossip", "--without-mingle"))
     survivor_queues = {"celery", f"{survivor.hostname}.celery.pidbox"}
-    # The victim runs with events, gossip and mingle (a gossip queue on the events exchange).
+    # The victim runs with events (Celery enables gossip and mingle only for amqp/redis).
     worker = procs.worker(app, name="w1", pool="solo", concurrency=1, extra_args=("-E",))
     pidbox = f"{worker.hostname}.celery.pidbox"
 

@@ -61,7 +61,14 @@ def test_a_worker_started_after_a_revoke_learns_it_through_mingle(make_app, proc
 
 @pytest.mark.slow
 def test_workers_see_each_other_come_and_go_through_gossip(make_app, procs, env):
-    app = make_app(extra_source=PEER_WATCH)
+    # Gossip is opt-in on this broker (its idle cost): an app without the setting has none.
+    plain = make_app()
+    unaware = procs.worker(plain, name="unaware", pool="solo", concurrency=1)
+    assert not {q for q in env.queue_names() if q.startswith("celeryev.")}, env.queue_names()
+    unaware.terminate()
+    assert unaware.wait_exit(30) == 0
+
+    app = make_app(extra_source=PEER_WATCH, conf={"kombu_pg_gossip": True})
     first = procs.worker(app, name="first", pool="solo", concurrency=1)
     second = procs.worker(app, name="second", pool="solo", concurrency=1)
 

@@ -61,11 +61,7 @@ def test_idle_workers_cost_the_server_almost_nothing(make_app, private_server, p
     app = app_on(make_app, server)
     with broker(server, env) as conn:
         baseline, baseline_cpu = rate(conn, server, BASELINE_SECONDS)
-        # Without gossip: its heartbeats go from every worker to every other one, a cost that
-        # grows with the square of the fleet (README, "Mingle and gossip"); this measures the
-        # transport's own idle cost.
-        workers = [procs.worker(app, name=f"idle{i}", pool="prefork", concurrency=1, wait=False,
-                                extra_args=("--without-gossip",))
+        workers = [procs.worker(app, name=f"idle{i}", pool="prefork", concurrency=1, wait=False)
                    for i in range(IDLE_WORKERS)]
         for worker in workers:
             worker.wait_ready(120)
@@ -171,8 +167,7 @@ def test_an_events_receiver_gets_the_heartbeats_of_idle_workers(make_app, procs,
     # While nobody receives events, the worker does not send its heartbeats to the server
     # every 2 s (they would match no queue); a receiver that binds its queue gets them at once.
     app = make_app(transport_options={"max_polling_interval": 60})
-    # Without gossip, whose queue would take them.
-    worker = procs.worker(app, name="w1", pool="solo", concurrency=1, extra_args=("--without-gossip",))
+    worker = procs.worker(app, name="w1", pool="solo", concurrency=1)
     time.sleep(5)  # a couple of heartbeats that matched no queue
     got = []
 
