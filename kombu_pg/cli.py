@@ -211,8 +211,11 @@ def dlq_replay(ctx, ids, queue, task, reason, older_than, newer_than, replay_all
         _check_replayable(admin, sorted(set(ids)))
     selection = Filter(queue, task, reason, older_than, newer_than, replayed=False, ids=list(ids) or None)
     total = _run(admin.count, selection)
-    with click.progressbar(length=total, label="replaying", file=sys.stderr) as bar:
-        replayed = _run(admin.replay, selection, progress=bar.update)
+    if sys.stderr.isatty():  # a bar for people; scripts and logs get the one line below
+        with click.progressbar(length=total, label="replaying", file=sys.stderr) as bar:
+            replayed = _run(admin.replay, selection, progress=bar.update)
+    else:
+        replayed = _run(admin.replay, selection)
     click.echo(f"replayed {replayed} dead letter(s)")
     if ids and replayed < len(set(ids)):
         raise click.ClickException(f"replayed {replayed} of the {len(set(ids))} dead letters given: "
