@@ -42,21 +42,30 @@ def test_a_worker_started_after_a_revoke_learns_it_through_mingle(make_app, proc
                                  or {}).get(first.hostname, []), 20, what="the first worker to hold the revoke")
 
     # Started after the revoke (its remote-control queue did not exist then): it asks its
-    # peers at start, and drops the task when it arrives.
+    # peers at start and holds the revoke in memory before any task arrives.
     late = procs.worker(app, name="late", pool="solo", concurrency=1, extra_args=("-Q", "late"))
     assert "mingle: sync with 1 nodes" in late.log(), late.log()
+    assert revoked in held_revokes(app, late)
     app.mark.apply_async(("must-not-run",), task_id=revoked, queue="late")
     wait_for(lambda: app.app.AsyncResult(revoked).state == "REVOKED", 30, what="the task to be revoked")
     assert app.mark.apply_async(("after",), queue="late").get(timeout=30) == "after"
     assert env.runs("must-not-run") == []
 
-    # --without-mingle: the worker does not ask, and runs a task with the same id.
+    # --without-mingle: the worker does not ask, so it holds no revoke in memory; the revoke
+    # recorded in the database still stops the task there.
     alone = procs.worker(app, name="alone", pool="solo", concurrency=1,
                          extra_args=("-Q", "alone", "--without-mingle"))
     assert "mingle:" not in alone.log()
-    app.mark.apply_async(("ran",), task_id=revoked, queue="alone")
-    [run] = env.wait_runs(1, "ran")  # (its result stays REVOKED in the backend: get() would raise)
-    assert run["task_id"] == revoked and run["hostname"] == alone.hostname
+    assert revoked not in held_revokes(app, alone)
+    app.mark.apply_async(("must-not-run-either",), task_id=revoked, queue="alone")
+    assert app.mark.apply_async(("after",), queue="alone").get(timeout=30) == "after"
+    assert env.runs("must-not-run-either") == []
+
+
+def held_revokes(app, worker) -> list[str]:
+    """The task ids ``worker`` holds revoked in memory (Celery's own revoke list)."""
+    replies = app.app.control.inspect(destination=[worker.hostname], timeout=5).revoked() or {}
+    return replies.get(worker.hostname, [])
 
 
 @pytest.mark.slow
