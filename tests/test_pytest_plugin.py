@@ -54,7 +54,9 @@ def test_in_a_worker_thread(celery_app, celery_worker, kombu_pg_broker):
 
 def test_in_a_prefork_worker_process(celery_app, kombu_pg_worker, kombu_pg_broker):
     worker = kombu_pg_worker("tasks:app", "--pool", "prefork", "--concurrency", "2")
-    result = tasks.charge.delay(42)
+    # Without celery_worker, the app current in the test may be the tasks module's own (its
+    # production broker): send through the test's app.
+    result = celery_app.send_task("tasks.charge", (42,))
     [letter] = kombu_pg_broker.wait_for_dead_letters(1)
     check(letter, result.id)
     assert {error["worker"] for error in letter.errors} == {f"w1@{socket.gethostname()}"}
