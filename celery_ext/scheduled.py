@@ -13,7 +13,7 @@ import json
 import logging
 
 from celery.worker import control
-from kombu.serialization import loads
+from kombu.serialization import loads, prepare_accept_content
 
 from kombu_pg.transport import Transport
 
@@ -54,7 +54,7 @@ def from_table(state, transport, skip: set) -> list[dict]:
         return []
     db = transport.db
     rows = db.run(db.q.scheduled, {"queues": queues, "limit": LIMIT}, fetch=True)
-    accept = state.app.conf.accept_content
+    accept = prepare_accept_content(state.app.conf.accept_content)
     entries = []
     for message_id, queue, priority, visible_at, payload, delivery_count in rows:
         try:
