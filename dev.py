@@ -86,6 +86,9 @@ def parallel(args: list) -> list:
 def main(argv: list) -> int:
     if sys.version_info < (3, 11):
         sys.exit(f"dev.py: Python 3.11 or newer is needed, this is {sys.version.split()[0]}")
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(USAGE + "\n\n" + __doc__.split("\n\n", 1)[1].rstrip())
+        return 0
     if not argv or argv[0] not in ("demo", "test"):
         sys.exit(USAGE)
     ensure_venv()

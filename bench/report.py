@@ -139,6 +139,12 @@ def targets_table(results: dict) -> list[str]:
     rows.append(row("4 producers, prefork -c 2: Celery tasks/s ≥ 1.0× RabbitMQ",
                     f"{fmt(median('producers', 'prefork.p4.tasks_per_s'))} tasks/s, {fmt(four)}× RabbitMQ",
                     None if four is None else four >= 1.0))
+    per, cpu = median("idle", "server_tx_rate_per_consumer"), median("idle", "server_cpu_pct_of_core")
+    consumers = scenarios.get("idle", {}).get("params", {}).get("consumers")
+    rows.append(row(f"Idle: ≤ 0.2 server transactions/s per idle consumer; {fmt(consumers)} idle "
+                    "consumers cost the server < 5% of a core",
+                    f"{fmt(per)} transactions/s per consumer, {fmt(cpu)}% of a core",
+                    None if per is None or cpu is None else per <= 0.2 and cpu < 5))
     return table(["target", "measured (medians)", ""], rows + soak_targets(scenarios.get("soak", {})))
 
 

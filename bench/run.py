@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -173,8 +174,15 @@ def print_summary(results: dict) -> None:
                 print(f"  ! {run['broker']} rep {run['rep'] + 1}: {run['error'][:300]}")
 
 
+def _stop_on_sigterm(signum, frame):
+    # As Ctrl-C: unwind, so that every worker, producer and server started so far is stopped
+    # by the block that started it, instead of being left running.
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     mode = "quick" if args.quick else "full"
     sets = overrides(args.set)
     candidates = named_brokers(args.broker or brokers_mod.DEFAULT_URLS)

@@ -52,8 +52,19 @@ def _connect_worker_hook() -> None:
     if not _worker_hook_connected:
         from celery import signals
 
+        signals.celeryd_init.connect(_on_celeryd_init, weak=False, dispatch_uid="kombu_pg.celeryd_init")
         signals.worker_init.connect(_on_worker_init, weak=False, dispatch_uid="kombu_pg.worker_init")
         _worker_hook_connected = True
+
+
+def _on_celeryd_init(instance=None, **kwargs) -> None:
+    """``celery worker``, before it creates the transport: broken broker settings end the
+    program with one line (SystemExit passes through Celery's signal dispatch)."""
+    app = getattr(instance, "app", None)
+    if app is not None:
+        from .install import check_broker_settings
+
+        check_broker_settings(app)
 
 
 def _on_worker_init(sender=None, **kwargs) -> None:

@@ -434,7 +434,7 @@ class Scheduler(beat.Scheduler):
             self._lease_deadline = started + self.lease - min(1.0, self.lease / 10)
             if not was_leader:
                 previous = f" (took over from {row.holder})" if row.holder and row.holder != self.identity else ""
-                logger.warning("beat: %s is now the leader for schema %s%s", self.identity, self.schema, previous)
+                logger.info("beat: %s is now the leader for schema %s%s", self.identity, self.schema, previous)
                 self._seen_leader = self.identity
                 self._load(row.revision)  # the last leader moved the entries on: read them afresh
                 return
@@ -535,7 +535,7 @@ class Scheduler(beat.Scheduler):
             return
         try:
             if self._leader and not conn.closed and self.store.resign(conn, self.identity):
-                logger.warning("beat: %s resigned the leadership", self.identity)
+                logger.info("beat: %s resigned the leadership", self.identity)
         except Exception as exc:  # the session ends anyway: standbys notice
             logger.debug("beat: could not resign: %s", exc)
         finally:

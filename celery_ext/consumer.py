@@ -29,7 +29,7 @@ from kombu_pg.config import ConfigurationError
 from kombu_pg.database import error_entry
 from kombu_pg.transport import Channel, parse_tag
 
-from . import retries
+from . import retries, revoke
 
 logger = logging.getLogger("kombu_pg")
 
@@ -91,6 +91,7 @@ def _guarded_task_handler(create):
 
         def guarded_on_task_received(message):
             try:
+                revoke.note_flagged(message)
                 defect = task_message_defect(message)
                 if defect is not None:
                     return self.on_invalid_task(None, message, InvalidTaskError(defect))
@@ -173,7 +174,8 @@ def _request_on_failure(method):
         if isinstance(exc, (DecodeError, ContentDisallowed)):
             # Protocol 2 bodies are decoded in the pool, so a corrupt body fails there.
             dead_letter(self.message, "undecodable", exc)
-        elif isinstance(exc, WorkerLostError) and self.task.acks_late and self.task.reject_on_worker_lost:
+        elif (isinstance(exc, WorkerLostError) and self.task.acks_late and self.task.reject_on_worker_lost
+              and not getattr(self, "_already_revoked", False)):  # revoke(terminate=True): no attempt
             outcome = _record_failed_attempt(self, exc)
             if outcome and outcome["dead_letter_id"]:  # Celery leaves it PENDING
                 self.task.backend.mark_as_failure(self.id, exc, request=self._context,

@@ -13,7 +13,9 @@ timers and pool jobs, and each task is acked over the new connection when it fin
 messages still in the transport's own buffer, never given to Celery, are released.
 
 Outside a connection loss (the worker shutting down), a message keeps its lease only while its
-task runs, or waits in the threads pool's executor, which is not flushed; the rest are released.
+task runs, or waits in the threads pool's executor or as a greenlet of the gevent or eventlet
+pool not yet started (neither is flushed: they run before the worker exits); the rest are
+released.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import threading
 
 from celery.concurrency import thread as thread_pool
 from celery.worker.consumer.consumer import Consumer
+
+from kombu_pg._autoload import after_import
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +54,10 @@ def probe(message) -> bool:
 def install() -> None:
     _keep_deliveries_across_reconnects()
     _track_thread_pool_jobs()
+    # Patched once imported: importing them needs gevent or eventlet (and warns without the
+    # monkey patching their workers do first).
+    for module in ("celery.concurrency.gevent", "celery.concurrency.eventlet"):
+        after_import(module, _track_green_pool_jobs)
 
 
 def _ours(consumer) -> bool:
@@ -107,3 +115,43 @@ def _track_thread_pool_jobs() -> None:
 
     tracked_on_apply._kombu_pg = True
     pool_cls.on_apply = tracked_on_apply
+
+
+def _discard(task_id) -> None:
+    with _lock:
+        _queued.discard(task_id)
+
+
+def _track_green_pool_jobs(module) -> None:
+    """gevent and eventlet pools: a job is a greenlet, spawned by the consumer (which waits in
+    the spawn while the pool is full) and started at the next switch. Track it from submission
+    until its greenlet ends, however it ends: links also run for one killed before it started."""
+    pool_cls = module.TaskPool
+    if getattr(pool_cls.on_apply, "_kombu_pg", False):
+        return
+    on_apply, add_to_pool_map = pool_cls.on_apply, pool_cls._add_to_pool_map
+    submitting: list = []  # the task being submitted: only the consumer's greenlet submits
+
+    def tracked_on_apply(self, *args, **options):
+        task_id = options.get("correlation_id")
+        if task_id:
+            with _lock:
+                _queued.add(task_id)
+        submitting.append(task_id)
+        try:
+            return on_apply(self, *args, **options)
+        except BaseException:
+            _discard(task_id)
+            raise
+        finally:
+            submitting.pop()
+
+    def tracked_add_to_pool_map(self, pid, greenlet):
+        add_to_pool_map(self, pid, greenlet)
+        task_id = submitting[-1] if submitting else None
+        if task_id:  # gevent calls link(greenlet), eventlet link(greenthread, *curried)
+            greenlet.link(lambda _ended, *_: _discard(task_id))
+
+    tracked_on_apply._kombu_pg = True
+    pool_cls.on_apply = tracked_on_apply
+    pool_cls._add_to_pool_map = tracked_add_to_pool_map

@@ -14,7 +14,7 @@ from kombu_pg import config
 from kombu_pg.config import SCHEMES
 from kombu_pg.transport import MAX_ATTEMPTS_HEADER, UNIQUE_KEY_HEADER, Transport
 
-from . import consumer, inflight, metrics, retries, secrets
+from . import consumer, inflight, metrics, peers, retries, revoke, scheduled, secrets
 
 logger = logging.getLogger("kombu_pg")
 
@@ -36,7 +36,8 @@ def uses_pg_broker(app) -> bool:
     if not isinstance(url, str):
         return False
     scheme = url.split(";", 1)[0].partition("://")[0].lower()
-    return scheme in SCHEMES
+    # postgresql+psycopg:// (SQLAlchemy's form) counts: the worker then rejects it, naming the fix.
+    return scheme.partition("+")[0] in SCHEMES
 
 
 def ensure(app) -> None:
@@ -61,8 +62,12 @@ def ensure(app) -> None:
 def install(app) -> None:
     Transport.in_progress = inflight.probe
     Transport.on_tasks_expired = functools.partial(_revoke_expired, weakref.ref(app))
+    Transport.on_tasks_revoked = revoke.marker(app)
     inflight.install()
     consumer.install()
+    revoke.install()  # app.control.revoke also revokes in the database
+    scheduled.install()  # celery inspect scheduled lists the table's delayed tasks
+    peers.install()  # mingle on; gossip when the app asks for it
     signals.before_task_publish.connect(_publish_headers, weak=False, dispatch_uid="kombu_pg.publish")
     signals.worker_init.connect(_name_worker, weak=False, dispatch_uid="kombu_pg.name_worker")
     signals.worker_process_init.connect(_name_child, weak=False, dispatch_uid="kombu_pg.name_child")
@@ -110,6 +115,20 @@ def _publish_headers(sender=None, headers=None, body=None, **kwargs):
             args, kwargs = (body[0], body[1]) if isinstance(body, (tuple, list)) else ((), {})
             unique_key = unique_key(args, kwargs)
         headers[UNIQUE_KEY_HEADER] = str(unique_key)
+
+
+def check_broker_settings(app) -> None:
+    """A worker with a broken broker URL or transport option exits with the one-line reason,
+    before Celery creates the transport (where the same error comes with a page of traceback)."""
+    if not uses_pg_broker(app):
+        return
+    conn = app.connection_for_read()
+    try:
+        Transport.check_client(conn)
+    except config.ConfigurationError as exc:
+        raise SystemExit(f"kombu-pg: {exc}") from None
+    finally:
+        conn.release()
 
 
 _worker_pid = None

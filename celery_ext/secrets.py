@@ -27,5 +27,5 @@ class BrokerInfo(bootsteps.StartStopStep):
     requires = (Connection,)
 
     def info(self, c):
-        return {"broker": masked(Connection.info(self, c), MASK)}
+        return masked(Connection.info(self, c), MASK)  # {"broker": {...}}, as Celery's
 

@@ -2,6 +2,7 @@
 
 Run it against your own database:
 
+    pip install 'kombu-pg[results]'          # SQLAlchemy, for the result backend below
     export KOMBU_PG_URL=postgresql://user:pass@localhost:5432/mydb
     celery -A app worker --loglevel INFO     # from this directory
     celery -A app beat                       # optional: the periodic `tick` task

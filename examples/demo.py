@@ -6,8 +6,8 @@
 Uses the database in KOMBU_PG_URL if set, else starts a throw-away embedded PostgreSQL
 server. Starts `celery worker` and `celery beat` (see app.py) as child processes, sends
 tasks through the broker, prints the results, then stops everything it started. Exits
-0 when every step worked, 130 when interrupted, 1 (with the end of the worker and beat
-logs) otherwise.
+0 when every step worked, 130 when interrupted (Ctrl-C, SIGTERM or SIGHUP, all of which
+stop what was started), 1 (with the end of the worker and beat logs) otherwise.
 """
 import contextlib
 import os
@@ -189,12 +189,17 @@ def count_ticks(libpq_url: str, after_id: int) -> int:
         ).fetchone()[0]
 
 
+#: Signals that stop the demo the way Ctrl-C does: SIGTERM, and SIGHUP (its terminal closed).
+STOP_SIGNALS = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+
+
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C
+    raise KeyboardInterrupt  # cleans up like Ctrl-C
 
 
 def main() -> int:
-    signal.signal(signal.SIGTERM, _interrupt)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _interrupt)
     children = None
     # The stack unwinds in reverse: children stop first, then the server, then the
     # temporary directory (logs, beat's schedule file) is deleted.
@@ -242,8 +247,8 @@ def main() -> int:
         finally:
             # Stopping is bounded in time; a second Ctrl-C must not cut it short and
             # leave processes behind.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            for signum in [signal.SIGINT, *STOP_SIGNALS]:
+                signal.signal(signum, signal.SIG_IGN)
     if code == 0:
         print("Demo finished.")
     return code

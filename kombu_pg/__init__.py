@@ -2,6 +2,10 @@
 
 Importing this package is cheap (the interpreter-start hook imports it): everything else is
 loaded on first use.
+
+PYTEST_DONT_REWRITE: this package is a pytest plugin's (kombu_pg.testing.pytest_plugin) and is
+imported at interpreter start, before pytest could rewrite its asserts; the marker tells pytest
+not to warn about that.
 """
 
 __all__ = ["enqueue_in", "Admin"]

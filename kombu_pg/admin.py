@@ -1,25 +1,43 @@
-"""Operator API: dead letters (list, show, replay, purge) and queue statistics.
+"""Operator API: dead letters (list, show, replay, purge), queue statistics, where a task is,
+durable revokes and queue purges.
 
     from kombu_pg.admin import Admin
     admin = Admin("postgresql://…", schema="kombu_pg")
     for letter in admin.dead_letters(reason="max_attempts"):
         print(letter.id, letter.task_name, letter.errors[-1]["message"])
     admin.replay(task="tasks.charge")
+    print(admin.task("5f1c…").state)  # ready, delayed, leased, dead_lettered, revoked, not_found
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
 import logging
-from typing import Callable
+import re
+from typing import Callable, Iterator
 
 import psycopg
 
-from . import config, counters, pooler
+from . import config, counters, pooler, revocation
+from . import migrate as migrations
 from .queries import for_schema
 
 logger = logging.getLogger(__name__)
+
+
+#: Why a message was dead-lettered: the values of ``dead_letters.reason``.
+REASONS = ("max_attempts", "lease_expired", "max_retries", "rejected", "unregistered",
+           "undecodable", "expired")
+
+#: What PostgreSQL says when a statement names a table, column or function the schema lacks.
+_MISSING_OBJECT = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn,
+                   psycopg.errors.UndefinedFunction, psycopg.errors.InvalidSchemaName)
+
+
+class SchemaNotReady(config.ConfigurationError):
+    """The schema has no broker tables (a mistyped name, or never migrated) or lacks migrations."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +94,79 @@ class DeadLetter:
     raw_payload: str | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskMessage:
+    """A message of a task in the messages table (one per queue it went to)."""
+
+    message_id: int
+    queue: str
+    task_name: str | None
+    priority: int
+    state: str  # "ready", "delayed" (ETA, countdown, retry backoff) or "leased"
+    enqueued_at: dt.datetime
+    #: Ready: deliverable since then; delayed: until then.
+    visible_at: dt.datetime
+    #: The consumer holding the lease, as "<worker>[<pid>]"; for a waiting message, the last one
+    #: that held it (None if none did, or one of a release before lease holders were recorded).
+    leased_by: str | None
+    leased_at: dt.datetime | None
+    leased_until: dt.datetime | None  # for a leased message: when the lease runs out unless renewed
+    attempts: int  # deliveries so far; a leased message is on attempt number `attempts`
+    max_attempts: int
+    errors: list[dict]  # one entry per failed attempt: at, worker, type, message, traceback
+    expires_at: dt.datetime | None
+
+    @property
+    def worker(self) -> str | None:
+        """The lease holder's worker name (Celery's hostname), without the pid."""
+        return _HOLDER.match(self.leased_by).group(1) if self.leased_by else None
+
+    @property
+    def pid(self) -> int | None:
+        match = _HOLDER.match(self.leased_by) if self.leased_by else None
+        return int(match.group(2)) if match and match.group(2) else None
+
+
+_HOLDER = re.compile(r"^(.*?)(?:\[(\d+)\])?$", re.S)
+
+
+@dataclasses.dataclass(frozen=True)
+class Revocation:
+    revoked_at: dt.datetime
+    expires_at: dt.datetime
+    revoked_by: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskLookup:
+    """Where a task is: its messages, dead letters and durable revoke."""
+
+    task_id: str
+    messages: list[TaskMessage]
+    dead_letters: list[DeadLetterSummary]
+    revoked: Revocation | None
+
+    @property
+    def state(self) -> str:
+        """leased, ready or delayed (the first that applies to one of its messages), else
+        dead_lettered, revoked, or not_found: acked (done), or never published here."""
+        for state in ("leased", "ready", "delayed"):
+            if any(m.state == state for m in self.messages):
+                return state
+        if any(d.replayed_at is None for d in self.dead_letters):
+            return "dead_lettered"
+        return "revoked" if self.revoked else "not_found"
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueCount:
+    queue: str
+    known: bool  # declared, or holding messages
+    ready: int
+    delayed: int
+    leased: int
+
+
 def _json_object(text: str) -> dict | None:
     try:
         value = json.loads(text)
@@ -108,16 +199,46 @@ class Admin:
             conn.execute(self.q.session_setup, self.options.session_params())
         return conn
 
+    @contextlib.contextmanager
+    def session(self) -> Iterator[psycopg.Connection]:
+        """A connection for the statements below: a schema without (all of) the broker's tables
+        is reported as such, naming the fix, rather than as the SQL error it causes."""
+        with self.connect() as conn:
+            try:
+                yield conn
+            except _MISSING_OBJECT as exc:
+                problem = self._schema_problem(conn)
+                if problem is None:
+                    raise
+                raise SchemaNotReady(problem) from exc
+
+    def _schema_problem(self, conn: psycopg.Connection) -> str | None:
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+            conn.rollback()
+        try:
+            missing = migrations.pending(conn, self.schema)
+        except (psycopg.Error, config.ConfigurationError):
+            return None
+        fix = f"`kombu-pg --schema {self.schema} migrate`"
+        if len(missing) == len(migrations.available()):
+            return (f"schema {self.schema!r} has no kombu-pg tables in {self.description}: check the "
+                    f"schema name (--schema, the transport option 'schema'; default "
+                    f"{config.Options.schema!r}), or create the tables with {fix}")
+        if missing:
+            return (f"schema {self.schema!r} lacks migrations {', '.join(f'{v:04d}' for v in missing)}: "
+                    f"run {fix}")
+        return None
+
     def dead_letters(self, filter: Filter = Filter(), *, after: int = 0,
                      limit: int = 50, **filters) -> list[DeadLetterSummary]:
         """One page of dead letters with id > ``after``, oldest first."""
         filter = dataclasses.replace(filter, **filters)
-        with self.connect() as conn:
+        with self.session() as conn:
             rows = conn.execute(self.q.dlq_list, dict(filter.params(), after=after, limit=limit)).fetchall()
         return [DeadLetterSummary(*row) for row in rows]
 
     def dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
-        with self.connect() as conn:
+        with self.session() as conn:
             row = conn.execute(self.q.dlq_get, {"id": dead_letter_id}).fetchone()
         if row is None:
             return None
@@ -132,7 +253,7 @@ class Admin:
         """Put matching dead letters back on their queues, all or none; returns how many."""
         filter = dataclasses.replace(filter, **filters)
         total, after = 0, 0
-        with self.connect() as conn, conn.transaction():
+        with self.session() as conn, conn.transaction():
             while True:
                 count, last_id, _ = conn.execute(self.q.dlq_replay_batch, dict(
                     filter.params(), after=after, limit=batch, channel=self.channel)).fetchone()
@@ -147,18 +268,18 @@ class Admin:
 
     def count(self, filter: Filter = Filter(), **filters) -> int:
         filter = dataclasses.replace(filter, **filters)
-        with self.connect() as conn:
+        with self.session() as conn:
             return conn.execute(self.q.dlq_count, filter.params()).fetchone()[0]
 
     def purge(self, filter: Filter = Filter(), **filters) -> int:
         """Delete matching dead letters; returns how many."""
         filter = dataclasses.replace(filter, **filters)
-        with self.connect() as conn:
+        with self.session() as conn:
             return conn.execute(self.q.dlq_purge, filter.params()).rowcount
 
     def stats(self) -> dict:
         """Per queue: ready, delayed, leased, oldest ready age; dead letters by queue and reason."""
-        with self.connect() as conn:
+        with self.session() as conn:
             queues = conn.execute(self.q.stats_queues, {}).fetchall()
             dead = conn.execute(self.q.stats_dead_letters, {}).fetchall()
         return {
@@ -168,3 +289,53 @@ class Admin:
             "dead_letters": [{"queue": queue, "reason": reason, "count": count}
                              for queue, reason, count in dead],
         }
+
+    # -- tasks --------------------------------------------------------------------------------
+
+    def task(self, task_id: str) -> TaskLookup:
+        """Where task ``task_id`` is: waiting, delayed, leased (by whom, since when), its
+        attempts and errors, dead-lettered, revoked, or not found (acked, or never seen)."""
+        params = {"task_id": task_id}
+        with self.connect() as conn:
+            messages = conn.execute(self.q.task_messages, params).fetchall()
+            dead = conn.execute(self.q.task_dead_letters, params).fetchall()
+            revoked = conn.execute(self.q.task_revoked, params).fetchone()
+        default_cap = self.options.max_attempts
+        return TaskLookup(
+            task_id,
+            [TaskMessage(*row[:11], row[11] or default_cap, *row[12:]) for row in messages],
+            [DeadLetterSummary(*row) for row in dead],
+            Revocation(*revoked) if revoked else None)
+
+    def revoke(self, task_ids, *, expires: float = config.Options.revoke_expires,
+               marked: bool = False) -> list[revocation.Outcome]:
+        """Durable revoke without a Celery worker: remove the tasks' waiting messages and record
+        the ids for ``expires`` seconds, so that no worker runs them (one started later too).
+        Tasks removed here are marked REVOKED in the result backend by the next housekeeping
+        round of a worker, unless the caller does (``marked``)."""
+        with self.connect() as conn:
+            outcomes = revocation.revoke(conn, self.q, task_ids, expires=expires, unmarked=not marked)
+        logger.info("kombu_pg: revoked %s: removed %d waiting message(s)", ", ".join(map(str, task_ids)),
+                    sum(o.removed for o in outcomes))
+        return outcomes
+
+    # -- queues -------------------------------------------------------------------------------
+
+    def queue_counts(self, queues) -> list[QueueCount]:
+        """Ready, delayed and leased messages of each of ``queues``."""
+        with self.connect() as conn:
+            rows = conn.execute(self.q.queue_counts, {"queues": list(queues)}).fetchall()
+        return [QueueCount(*row) for row in rows]
+
+    def purge_queues(self, queues, *, delayed: bool = False, leased: bool = False) -> dict[str, dict]:
+        """Delete the ready messages of ``queues`` (as ``celery purge``), and with ``delayed``
+        those waiting for an ETA, countdown or retry backoff, with ``leased`` those consumers
+        hold (their tasks still run; their acks then find nothing). Per queue, what went."""
+        with self.connect() as conn:
+            rows = conn.execute(self.q.purge_queues, {"queues": list(queues), "delayed": delayed,
+                                                      "leased": leased}).fetchall()
+        gone = {queue: {"ready": 0, "delayed": 0, "leased": 0} for queue in queues}
+        for queue, ready, delayed_count, leased_count in rows:
+            gone[queue] = {"ready": ready, "delayed": delayed_count, "leased": leased_count}
+        logger.info("kombu_pg: purged %s", gone)
+        return gone

@@ -11,7 +11,7 @@ import psycopg
 
 from . import beat_admin, config, grants
 from . import migrate as migrations
-from .admin import Admin, Filter
+from .admin import REASONS, Admin, Filter
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -147,8 +147,7 @@ def _filter_options(f):
     for option in reversed([
         click.option("--queue", help="Only this queue."),
         click.option("--task", help="Only this task name."),
-        click.option("--reason", help="Only this reason (max_attempts, lease_expired, rejected, "
-                                      "max_retries, unregistered, undecodable, ...)."),
+        click.option("--reason", type=click.Choice(REASONS), help="Only this reason."),
         click.option("--older-than", type=Duration(), help="Dead-lettered longer ago than this (30s, 2h, 7d)."),
         click.option("--newer-than", type=Duration(), help="Dead-lettered within this long."),
     ]):
@@ -208,11 +207,34 @@ def dlq_replay(ctx, ids, queue, task, reason, older_than, newer_than, replay_all
     if not ids and not replay_all:
         raise click.UsageError("give dead letter ids, or --all (with optional filters)")
     admin = _target(ctx).admin()
+    if ids:
+        _check_replayable(admin, sorted(set(ids)))
     selection = Filter(queue, task, reason, older_than, newer_than, replayed=False, ids=list(ids) or None)
     total = _run(admin.count, selection)
-    with click.progressbar(length=total, label="replaying", file=sys.stderr) as bar:
-        replayed = _run(admin.replay, selection, progress=bar.update)
+    if sys.stderr.isatty():  # a bar for people; scripts and logs get the one line below
+        with click.progressbar(length=total, label="replaying", file=sys.stderr) as bar:
+            replayed = _run(admin.replay, selection, progress=bar.update)
+    else:
+        replayed = _run(admin.replay, selection)
     click.echo(f"replayed {replayed} dead letter(s)")
+    if ids and replayed < len(set(ids)):
+        raise click.ClickException(f"replayed {replayed} of the {len(set(ids))} dead letters given: "
+                                   "the others do not match the filters, or were replayed meanwhile")
+
+
+def _check_replayable(admin: Admin, ids: list[int]) -> None:
+    """Every id given names a dead letter not replayed yet; otherwise nothing is replayed."""
+    found = {row.id: row for row in _run(admin.dead_letters, Filter(ids=ids), limit=len(ids))}
+    problems = []
+    unknown = [i for i in ids if i not in found]
+    if unknown:
+        problems.append(f"no dead letter with id {', '.join(map(str, unknown))}")
+    done = [i for i in ids if i in found and found[i].replayed_at]
+    if done:
+        problems.append(f"dead letter {', '.join(map(str, done))} already replayed (a replayed "
+                        "message that fails again comes back as a new dead letter: see dlq list)")
+    if problems:
+        raise click.ClickException("; ".join(problems) + "; nothing replayed")
 
 
 @dlq.command("purge", help="Delete dead letters older than a duration, or already replayed ones.")
@@ -250,7 +272,125 @@ def metrics_command(ctx, port, host):
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from None
 
 
-COMMANDS = (migrate, grants_command, stats, dlq, metrics_command, beat_admin.build())
+def _confirmed(question: str) -> bool:
+    """The answer to ``question``; no answer (no terminal, end of input) is no."""
+    try:
+        return click.confirm(question, default=False)
+    except click.Abort:
+        click.echo("")
+        return False
+
+
+def _when(value) -> str:
+    return "-" if value is None else f"{value:%Y-%m-%d %H:%M:%S %Z}".strip()
+
+
+@click.command("task", help="Where a task is: waiting since / delayed until, leased by which worker "
+                            "since when, attempt n of max with its errors, dead-lettered, revoked, "
+                            "or not found (acked, or never seen).")
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@target_options
+@click.pass_context
+def task_command(ctx, task_id, as_json):
+    found = _run(_target(ctx).admin().task, task_id)
+    if as_json:
+        click.echo(json.dumps(dict(dataclasses.asdict(found), state=found.state), indent=2, default=str))
+        return
+    click.echo(f"task {task_id}: {found.state.replace('_', ' ')}")
+    for m in found.messages:
+        click.echo(f"  message {m.message_id} in queue {m.queue!r} ({m.task_name or 'no task name'}), "
+                   f"priority {m.priority}, enqueued {_when(m.enqueued_at)}")
+        if m.state == "leased":
+            who = f"{m.worker} (pid {m.pid})" if m.pid else (m.leased_by or "a worker of an earlier version")
+            click.echo(f"    leased by {who} since {_when(m.leased_at)}, lease until {_when(m.leased_until)}")
+            click.echo(f"    attempt {m.attempts} of {m.max_attempts}")
+        else:
+            click.echo(f"    {'waiting since' if m.state == 'ready' else 'delayed until'} {_when(m.visible_at)}")
+            click.echo(f"    {m.attempts} attempt(s) made of {m.max_attempts}")
+        if m.expires_at:
+            click.echo(f"    expires {_when(m.expires_at)}")
+        for n, error in enumerate(m.errors, 1):
+            click.echo(f"    error {n}: {error.get('at')} {error.get('type')}: {error.get('message')}"
+                       + (f" ({error['worker']})" if error.get("worker") else ""))
+    for d in found.dead_letters:
+        replayed = f", replayed {_when(d.replayed_at)}" if d.replayed_at else ""
+        error = f": {d.last_error_type}: {d.last_error}" if d.last_error_type else ""
+        click.echo(f"  dead letter {d.id} (queue {d.queue!r}): {d.reason} after {d.attempts} "
+                   f"attempt(s), {_when(d.dead_lettered_at)}{replayed}{error}")
+    if found.revoked:
+        click.echo(f"  revoked {_when(found.revoked.revoked_at)} by {found.revoked.revoked_by or '-'}, "
+                   f"kept until {_when(found.revoked.expires_at)}")
+    if found.state == "not_found":
+        click.echo("  no message, dead letter or revoke: acked (done), or never published to this schema")
+
+
+@click.command("revoke", help="Revoke tasks durably, without a running worker: remove their waiting "
+                              "(ready or delayed) messages and record the ids, so that no worker runs "
+                              "them, one started later included. Leased ones are being run or held by "
+                              "a worker: `celery control revoke` reaches it.")
+@click.argument("task_ids", nargs=-1, required=True)
+@click.option("--expires", type=Duration(), default=config.Options.revoke_expires, show_default=True,
+              help="How long workers drop these tasks (30m, 3h, 7d).")
+@target_options
+@click.pass_context
+def revoke_command(ctx, task_ids, expires):
+    if not expires > 0:
+        raise click.UsageError("--expires must be more than 0")
+    # Set by `celery -A app pg`: marks removed tasks REVOKED in the app's result backend now.
+    mark = ctx.meta.get("kombu_pg.mark_revoked")
+    outcomes = _run(_target(ctx).admin().revoke, task_ids, expires=expires, marked=mark is not None)
+    if mark is not None:
+        mark(sorted({o.task_id for o in outcomes if o.removed}))
+    for task_id in task_ids:
+        mine = [o for o in outcomes if o.task_id == task_id]
+        for o in mine:
+            if o.removed:
+                click.echo(f"{task_id}: removed its {o.state} message {o.message_id} from queue {o.queue!r}")
+            else:
+                click.echo(f"{task_id}: message {o.message_id} in queue {o.queue!r} is leased by "
+                           f"{o.leased_by or 'a worker'} since {_when(o.leased_at)}: left to it "
+                           "(`celery control revoke` tells running workers)")
+        if not mine:
+            click.echo(f"{task_id}: no waiting message (done, or not published yet)")
+    click.echo(f"revoked {len(set(task_ids))} task id(s) for {expires:g} s")
+
+
+@click.command("purge", help="Delete the ready messages of queues (as `celery purge`); --delayed also "
+                             "those waiting for an ETA, countdown or retry backoff; --leased --force "
+                             "also those workers hold. Shows the counts per queue and asks first.")
+@click.argument("queues", nargs=-1, required=True)
+@click.option("--delayed", is_flag=True, help="Also delayed messages (ETA, countdown, retry backoff).")
+@click.option("--leased", is_flag=True, help="Also leased messages: workers still run them (needs --force).")
+@click.option("--force", is_flag=True, help="Needed with --leased.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@target_options
+@click.pass_context
+def purge_command(ctx, queues, delayed, leased, force, yes):
+    if leased and not force:
+        raise click.UsageError("--leased deletes messages whose tasks workers are running "
+                               "(their results may never be stored): add --force")
+    admin = _target(ctx).admin()
+    queues = list(dict.fromkeys(queues))
+    counts = _run(admin.queue_counts, queues)
+    unknown = [c.queue for c in counts if not c.known]
+    if unknown:
+        raise click.ClickException(f"no queue {', '.join(map(repr, unknown))} in schema "
+                                   f"{_schema(ctx)}: `kombu-pg stats` lists the queues")
+    click.echo(f"{'QUEUE':<40} {'READY':>8} {'DELAYED':>8} {'LEASED':>8}")
+    for c in counts:
+        click.echo(f"{c.queue:<40} {c.ready:>8} {c.delayed:>8} {c.leased:>8}")
+    kinds = ["ready"] + (["delayed"] if delayed else []) + (["leased"] if leased else [])
+    total = sum(getattr(c, kind) for c in counts for kind in kinds)
+    if not yes and not _confirmed(f"delete about {total} {', '.join(kinds)} message(s)?"):
+        raise click.ClickException("nothing deleted")
+    gone = _run(admin.purge_queues, queues, delayed=delayed, leased=leased)
+    for queue, n in gone.items():
+        click.echo(f"{queue}: deleted " + ", ".join(f"{n[kind]} {kind}" for kind in kinds))
+
+
+COMMANDS = (migrate, grants_command, stats, dlq, metrics_command, task_command, revoke_command,
+            purge_command, beat_admin.build())
 for _command in COMMANDS:
     main.add_command(_command)
 

@@ -75,6 +75,9 @@ class Options:
     #: Seconds a Celery task past its ``expires`` may wait for a consumer, which marks it
     #: REVOKED; then the sweeper moves it to the dead letters (reason ``expired``).
     expired_task_grace: float = 60.0
+    #: Seconds a durable revoke (app.control.revoke, `kombu-pg revoke`) is kept: a worker that
+    #: leases a revoked task within this drops it, as Celery's worker_revoke_expires (3 hours).
+    revoke_expires: float = 10800.0
     #: Seconds between vacuums of the messages table by the housekeeping process, when enough
     #: dead rows piled up (autovacuum comes at most once a minute; 0 leaves it to autovacuum
     #: alone). Needs a role that owns the table; others leave it to autovacuum.
@@ -315,6 +318,13 @@ def to_conninfo(url: str) -> str:
     if len(urls) > 1 and all("://" in part for part in urls):
         return failover_conninfo(urls)
     scheme, sep, rest = url.partition("://")
+    base, plus, driver = scheme.partition("+")
+    if sep and plus and base.lower() in SCHEMES:
+        # SQLAlchemy's form (a result backend URL copied into broker_url): say so, rather than
+        # what Kombu makes of it (transport 'postgresql', URL 'psycopg://...').
+        raise ConfigurationError(
+            f"invalid PostgreSQL broker URL {mask_url(url)!r}: '+{driver}' names a SQLAlchemy "
+            f"driver, which a broker URL does not take: write {mask_url(f'{base}://{rest}')!r}")
     if not sep or scheme.lower() not in SCHEMES:
         raise ConfigurationError(
             f"invalid PostgreSQL broker URL {mask_url(url)!r}: expected postgresql://, postgres:// or pg://")

@@ -440,6 +440,15 @@ def get(conninfo: str, options: Options, description: str) -> Database:
         return db
 
 
+def close_schema(schema: str) -> None:
+    """Close this process's connection pools for ``schema`` (the transport keeps one per URL and
+    options for the life of the process): before a test drops the schema it used."""
+    with _registry_lock:
+        dbs = [_registry.pop(key) for key, db in list(_registry.items()) if db.options.schema == schema]
+    for db in dbs:
+        db.close()
+
+
 def error_entry(exc_type: str, message: str, traceback: str | None = None,
                 worker: str | None = None) -> dict:
     """One entry of a message's error history."""

@@ -22,6 +22,10 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.beat_entries, {schema}.beat_tic
 -- ... and the one-row tables of the schedule's revision and of the leader's lease.
 GRANT SELECT, UPDATE ON {schema}.beat_revision, {schema}.beat_leader TO {role};
 
+-- Durable revokes: recorded by app.control.revoke and `kombu-pg revoke`, read by claims,
+-- expired ids deleted by the housekeeper.
+GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.revoked TO {role};
+
 -- The lease of the one consumer that runs the cluster-wide housekeeping rounds.
 GRANT SELECT, UPDATE ON {schema}.housekeeper TO {role};
 

@@ -1,8 +1,9 @@
 """Cluster-wide housekeeping, in one elected consumer process at a time.
 
 A round drops expired queues (x-expires) and messages (TTL), returns expired leases to their
-queues (or dead-letters them at the delivery cap) and wakes those queues' consumers, and moves
-expired tasks nobody took to the dead letters. One process suffices: run by every consumer,
+queues (or dead-letters them at the delivery cap) and wakes those queues' consumers, moves
+expired tasks nobody took to the dead letters, and forgets expired revokes (handing over the
+tasks a revoke removed without marking them REVOKED). One process suffices: run by every consumer,
 the rounds would make up most of what idle workers cost the server.
 
 The election is a lease in a one-row table (migration 0007), so it needs no session of its own
@@ -37,6 +38,7 @@ class Round:
     expired: int  # plain messages past their TTL, deleted
     buried: list  # (message id, queue, task id) of expired tasks moved to the dead letters
     reaped: list  # rows of the reap statement
+    to_mark_revoked: list  # ids of tasks a revoke removed that are not marked REVOKED yet
 
 
 class Housekeeper:
@@ -101,10 +103,12 @@ class Housekeeper:
             buried = conn.execute(q.sweep_expired_tasks, {
                 "grace_s": options.expired_task_grace, "limit": 1000}).fetchall()
             reaped = db.reap(conn)
+            conn.execute(q.sweep_revoked, {})
+            to_mark = [task_id for task_id, in conn.execute(q.revoked_to_mark, {"limit": 1000})]
             returned = sorted({queue for outcome, _, queue, *_ in reaped if outcome == "returned"})
             if returned:  # nothing else tells their consumers: no NOTIFY marks a lease's end
                 conn.execute(q.wake_queues, {"channel": options.notify_channel, "queues": returned})
-        return Round(queues_gone, expired, buried, reaped)
+        return Round(queues_gone, expired, buried, reaped, to_mark)
 
     def consuming(self, transport) -> None:
         self._consuming.add(transport)

@@ -61,10 +61,16 @@ FROM ins
 -- Route through an exchange in the database, so that bindings made by other processes count.
 -- Returns one row per queue that received the message; none means unroutable (or, with a
 -- unique key, a duplicate in every queue).
+-- No wake-up for a short-lived broadcast queue (auto-delete, not durable, x-message-ttl of 10 s
+-- at most: Celery's gossip and event-receiver queues): its consumer claims it on a timer
+-- instead (Channel.polled_interval). Every worker's heartbeat goes to every worker's gossip
+-- queue; a NOTIFY would wake every LISTEN session of the database for each of them.
 WITH targets AS (
-    SELECT DISTINCT b.queue
+    SELECT DISTINCT b.queue, q.message_ttl,
+           coalesce(q.auto_delete AND NOT q.durable AND q.message_ttl <= interval '10 seconds', false) AS polled
     FROM {schema}.bindings b
     JOIN {schema}.exchanges e ON e.name = b.exchange
+    LEFT JOIN {schema}.queues q ON q.name = b.queue
     WHERE b.exchange = %(exchange)s
       AND CASE e.type
               WHEN 'direct' THEN b.routing_key = %(routing_key)s
@@ -75,14 +81,15 @@ WITH targets AS (
     INSERT INTO {schema}.messages
         (queue, priority, visible_at, expires_at, payload, task_id, task_name, max_attempts, unique_key)
     SELECT t.queue, %(priority)s, coalesce(%(eta)s::timestamptz, now()),
-           least(now() + q.message_ttl, now() + %(ttl_ms)s * interval '1 millisecond'),
+           least(now() + t.message_ttl, now() + %(ttl_ms)s * interval '1 millisecond'),
            %(payload)s, %(task_id)s, %(task_name)s, %(max_attempts)s, %(unique_key)s
     FROM targets t
-    LEFT JOIN {schema}.queues q ON q.name = t.queue
     {on_duplicate_key}
 )
-SELECT queue, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, {schema}.wake_payload(visible_at) || queue) END
+SELECT ins.queue, CASE WHEN %(notify)s AND NOT t.polled
+                       THEN pg_notify(%(channel)s, {schema}.wake_payload(ins.visible_at) || ins.queue) END
 FROM ins
+JOIN targets t ON t.queue = ins.queue
 
 -- name: claim
 -- Lease up to `limit` deliverable messages: ready (visible_at passed) and without a live lease.
@@ -93,6 +100,9 @@ FROM ins
 -- Past its TTL a plain message is not delivered (Kombu's TTL), but a Celery task (a row with a
 -- task id) is, with how long ago it expired: the worker then marks it REVOKED, as Celery does
 -- on other brokers, instead of it vanishing with its result waited for forever.
+-- The lease records its holder ("<worker>[<pid>]") and start, for `kombu-pg task`: unindexed
+-- columns too. A task revoked durably (see revoke) comes flagged: the worker drops it. That
+-- costs a primary-key probe of the (small) revoked table per row claimed, not per row scanned.
 WITH {lease_commit}, c AS (
     SELECT id
     FROM {schema}.messages
@@ -112,11 +122,14 @@ WITH {lease_commit}, c AS (
 UPDATE {schema}.messages m
 SET lease_token = gen_random_uuid(),
     leased_until = now() + %(lease_seconds)s * interval '1 second',
-    delivery_count = m.delivery_count + 1
+    delivery_count = m.delivery_count + 1,
+    leased_by = %(holder)s,
+    leased_at = now()
 FROM c, lease_commit
 WHERE m.id = c.id
 RETURNING m.id, m.lease_token, m.delivery_count, m.priority, m.payload, m.released,
-          CASE WHEN m.expires_at <= now() THEN extract(epoch FROM now() - m.expires_at) END
+          CASE WHEN m.expires_at <= now() THEN extract(epoch FROM now() - m.expires_at) END,
+          EXISTS (SELECT 1 FROM {schema}.revoked r WHERE r.task_id = m.task_id AND r.expires_at > now())
 
 -- name: ack
 -- Guarded by the token: a lease that expired and went to another consumer is not ours to delete.
@@ -157,6 +170,34 @@ WHERE queue = %(queue)s AND visible_at <= now() AND {unleased}
 -- name: purge
 -- Ready messages only: leased messages belong to a consumer, delayed (ETA) ones are not due yet.
 DELETE FROM {schema}.messages WHERE queue = %(queue)s AND visible_at <= now() AND {unleased}
+
+-- name: queue_counts
+-- `kombu-pg purge`: what each named queue holds, before asking for confirmation (as
+-- stats_queues; `known` tells a queue name that is nowhere from an empty queue).
+SELECT q.queue,
+       EXISTS (SELECT 1 FROM {schema}.queues WHERE name = q.queue)
+           OR EXISTS (SELECT 1 FROM {schema}.messages WHERE queue = q.queue),
+       (SELECT count(*) FROM {schema}.messages WHERE queue = q.queue AND visible_at <= now() AND {unleased}),
+       (SELECT count(*) FROM {schema}.messages WHERE queue = q.queue AND visible_at > now() AND lease_token IS NULL),
+       (SELECT count(*) FROM {schema}.messages WHERE queue = q.queue AND NOT {unleased})
+FROM unnest(%(queues)s::text[]) AS q(queue)
+
+-- name: purge_queues
+-- `kombu-pg purge`: ready messages (what `celery purge` removes), and on request delayed ones
+-- (ETA, countdown, retry backoff) and leased ones (their consumer still runs them; its ack
+-- then finds nothing). One statement: the counts per queue are what was deleted.
+WITH gone AS (
+    DELETE FROM {schema}.messages
+    WHERE queue = ANY(%(queues)s::text[])
+      AND ((visible_at <= now() AND {unleased})
+           OR (%(delayed)s AND visible_at > now() AND lease_token IS NULL)
+           OR (%(leased)s AND NOT {unleased}))
+    RETURNING queue, visible_at > now() AND lease_token IS NULL AS delayed, NOT {unleased} AS leased
+)
+SELECT queue, count(*) FILTER (WHERE NOT delayed AND NOT leased), count(*) FILTER (WHERE delayed),
+       count(*) FILTER (WHERE leased)
+FROM gone
+GROUP BY queue
 
 -- name: declare_queue
 INSERT INTO {schema}.queues (name, durable, auto_delete, expires, message_ttl,
@@ -295,6 +336,19 @@ WITH gone AS (
 )
 DELETE FROM {schema}.messages WHERE queue IN (SELECT name FROM gone)
 
+-- name: sweep_revoked
+-- Revoked ids kept past their expiry go (Celery forgets them after worker_revoke_expires too).
+DELETE FROM {schema}.revoked WHERE expires_at <= now()
+
+-- name: revoked_to_mark
+-- Tasks whose waiting message a revoke removed, without marking them REVOKED in the result
+-- backend (see revoke): the housekeeper's worker does, once.
+UPDATE {schema}.revoked r
+SET unmarked = false
+FROM (SELECT task_id FROM {schema}.revoked WHERE unmarked LIMIT %(limit)s FOR UPDATE SKIP LOCKED) AS u
+WHERE r.task_id = u.task_id
+RETURNING r.task_id
+
 -- name: sweep_expired_messages
 -- Plain messages past their TTL are dropped, as Kombu's TTL means. Celery tasks are not (see
 -- claim and sweep_expired_tasks).
@@ -351,7 +405,8 @@ WITH c AS (
 DELETE FROM {schema}.messages m
 USING c
 WHERE m.id = c.id
-RETURNING m.id, NULL::uuid, m.delivery_count + 1, m.priority, m.payload, m.released, NULL::numeric
+RETURNING m.id, NULL::uuid, m.delivery_count + 1, m.priority, m.payload, m.released, NULL::numeric,
+          false
 
 -- name: fail
 -- A processing attempt failed (the task raised, its worker was lost): decided here from
@@ -498,6 +553,73 @@ WITH expired AS (
 SELECT 'dead_lettered', message_id, queue, task_id, attempts FROM buried
 UNION ALL
 SELECT 'returned', id, queue, task_id, delivery_count FROM returned
+
+-- Durable revokes and task lookup.
+
+-- name: revoke
+-- Durable revoke (app.control.revoke and `celery control revoke` through the Celery integration,
+-- `kombu-pg revoke`): remove the tasks' waiting messages (ready or delayed) now, and record the
+-- ids for `expires_s` seconds, so that a worker that leases one of them later (one started
+-- after the revoke, or restarted) drops it (see claim). Leased messages stay with their
+-- consumer: Celery's broadcast revoke reaches it; they are returned so the caller can say so.
+-- `unmarked`: the caller cannot mark removed tasks REVOKED in the result backend (it has no
+-- Celery app): the housekeeper's worker will (revoked_to_mark).
+-- Finding messages by task id scans the table (no index on task_id: one would cost every
+-- publish, and building it would block the queue while the migration runs).
+WITH removed AS (
+    DELETE FROM {schema}.messages
+    WHERE task_id = ANY(%(task_ids)s::text[]) AND {unleased}
+    RETURNING id, queue, task_id, visible_at > now() AS delayed
+), recorded AS (
+    INSERT INTO {schema}.revoked AS r (task_id, expires_at, revoked_by, unmarked)
+    SELECT t.task_id, now() + %(expires_s)s * interval '1 second', %(by)s,
+           %(unmarked)s AND EXISTS (SELECT 1 FROM removed WHERE removed.task_id = t.task_id)
+    FROM (SELECT DISTINCT unnest(%(task_ids)s::text[])) AS t(task_id)
+    ON CONFLICT (task_id) DO UPDATE
+        SET revoked_at = now(), expires_at = greatest(r.expires_at, excluded.expires_at),
+            revoked_by = excluded.revoked_by, unmarked = r.unmarked OR excluded.unmarked
+)
+-- (A data-modifying CTE runs whether or not the query reads it.)
+SELECT task_id, CASE WHEN delayed THEN 'delayed' ELSE 'ready' END, queue, id, NULL, NULL FROM removed
+UNION ALL
+SELECT task_id, 'leased', queue, id, leased_by, leased_at
+FROM {schema}.messages
+WHERE task_id = ANY(%(task_ids)s::text[]) AND NOT {unleased}
+
+-- name: task_messages
+-- `kombu-pg task`: the task's messages (one per queue it went to), as the claim sees them. The
+-- delivery cap falls back on the queue's; the caller applies the transport's default last.
+-- A table scan, as in revoke.
+SELECT m.id, m.queue, m.task_name, m.priority,
+       CASE WHEN NOT {unleased} THEN 'leased' WHEN m.visible_at > now() THEN 'delayed' ELSE 'ready' END,
+       m.created_at, m.visible_at, m.leased_by, m.leased_at,
+       CASE WHEN NOT {unleased} THEN coalesce(m.leased_until, m.visible_at) END,
+       m.delivery_count, coalesce(m.max_attempts, q.max_attempts), m.errors, m.expires_at
+FROM {schema}.messages m
+LEFT JOIN {schema}.queues q ON q.name = m.queue
+WHERE m.task_id = %(task_id)s
+ORDER BY m.id
+
+-- name: task_dead_letters
+SELECT id, message_id, queue, task_id, task_name, reason, attempts, max_attempts,
+       dead_lettered_at, replayed_at, errors -> -1 ->> 'type', errors -> -1 ->> 'message'
+FROM {schema}.dead_letters
+WHERE task_id = %(task_id)s
+ORDER BY id
+
+-- name: task_revoked
+SELECT revoked_at, expires_at, revoked_by FROM {schema}.revoked
+WHERE task_id = %(task_id)s AND expires_at > now()
+
+-- name: scheduled
+-- `celery inspect scheduled`: the delayed tasks (ETA, countdown, retry backoff) of a worker's
+-- queues, soonest first. The broker holds them, not the worker, so the worker asks the table.
+SELECT id, queue, priority, visible_at, payload, delivery_count
+FROM {schema}.messages
+WHERE queue = ANY(%(queues)s::text[]) AND visible_at > now() AND lease_token IS NULL
+  AND task_id IS NOT NULL
+ORDER BY visible_at, id
+LIMIT %(limit)s
 
 -- Operator statements (dead letters, stats).
 

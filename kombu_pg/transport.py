@@ -24,7 +24,7 @@ from kombu.transport.virtual.exchange import TopicExchange
 from kombu.utils.json import dumps, loads
 from psycopg_pool import PoolTimeout
 
-from . import atomic, config, counters, database
+from . import atomic, config, counters, database, green
 from .database import error_entry
 from .listener import Listener
 
@@ -43,9 +43,16 @@ NO_INTEGRATION = ("kombu-pg: the broker is PostgreSQL but the Celery integration
                   "this worker: tasks run without lease renewal, server-side retries or dead letters. "
                   "It installs itself at interpreter start through kombu_pg.pth: install kombu-pg "
                   "into this Python's site-packages")
+#: A broadcast queue whose messages expire this soon (x-message-ttl), auto-delete and not
+#: durable (Celery's gossip and event-receiver queues), gets no wake-ups: its consumer claims it
+#: every half of that TTL, at most every polling_interval (the same rule as the publish_routed
+#: statement's).
+POLLED_TTL_MS = 10_000
 #: Wake-ups name the queue in a NOTIFY payload, "<ms until visible> <queue>", which PostgreSQL
 #: limits to fewer than 8000 bytes; the delay takes up to 20 (a bigint and the space).
 MAX_QUEUE_NAME_BYTES = 8000 - 1 - 20
+#: The lease holder's name as the claim records it (a column: no need to fit application_name).
+LEASE_HOLDER_BYTES = 255
 
 
 def parse_tag(delivery_tag: str) -> tuple[int, str | None]:
@@ -232,16 +239,18 @@ class Channel(virtual.Channel):
                            "max_attempts": self.options.policy(queue)["max_attempts"],
                            "lease_seconds": self.options.visibility_timeout,
                            "held": self.db.leases.held_literal(),
-                           "synchronous_commit": self.db.lease_commit}
+                           "synchronous_commit": self.db.lease_commit,
+                           # Who holds the lease, for `kombu-pg task`: "<worker name>[<pid>]".
+                           "holder": config.client_name(LEASE_HOLDER_BYTES)}
 
     def claimed(self, queue: str, rows: list[tuple]) -> Claimed:
         """Messages from the claim's rows (libpq text: id, token, delivery count, priority,
-        payload, released, seconds since it expired). A row that cannot become a message goes
+        payload, released, seconds since it expired, revoked). A row that cannot become a message goes
         to the dead letters: it must not stop the consumer, nor hold up the other messages of its
         claim."""
         rows = [(int(id_), token, int(count), int(priority), payload, released == "t",
-                 None if expired_for is None else float(expired_for))
-                for id_, token, count, priority, payload, released, expired_for in rows]
+                 None if expired_for is None else float(expired_for), revoked == "t")
+                for id_, token, count, priority, payload, released, expired_for, revoked in rows]
         rows.sort(key=lambda row: (-row[3], row[0]))  # RETURNING has no order
         messages, undecodable = Claimed(len(rows)), []
         for row in rows:
@@ -299,7 +308,7 @@ class Channel(virtual.Channel):
                 raise UndecodableMessage(f"the body is not valid {encoding}: {exc}") from None
 
     def _to_payload(self, queue, message_id, token, delivery_count, priority, payload, released,
-                    expired_for) -> dict:
+                    expired_for, revoked) -> dict:
         message = _load_envelope(payload)
         self._check_envelope(message)
         props = message["properties"]
@@ -314,6 +323,10 @@ class Channel(virtual.Channel):
         info["kombu_pg"] = {"id": message_id, "token": str(token) if token else None,
                             "queue": queue, "delivery_count": delivery_count}
         task_id = (message.get("headers") or {}).get("id")
+        if revoked:  # revoked durably (kombu_pg.revocation): the Celery integration drops it
+            info["kombu_pg"]["revoked"] = True
+            logger.info("kombu_pg: message %s of queue %r carries task %s, which was revoked",
+                        message_id, queue, task_id)
         if info["redelivered"]:
             logger.info("kombu_pg: redelivered message %s (task %s) of queue %r, attempt %d",
                         message_id, task_id, queue, delivery_count)
@@ -401,6 +414,16 @@ class Channel(virtual.Channel):
         })
         if auto_delete:
             self._auto_delete_queues.add(queue)
+        interval = self.polled_interval(durable, auto_delete, arguments.get("x-message-ttl"))
+        if interval is not None:
+            self.connection.polled_queues[queue] = interval
+
+    def polled_interval(self, durable, auto_delete, message_ttl_ms) -> float | None:
+        """How often a consumer claims a short-lived broadcast queue, which producers do not
+        wake (see POLLED_TTL_MS); None for every other queue."""
+        if durable or not auto_delete or message_ttl_ms is None or float(message_ttl_ms) > POLLED_TTL_MS:
+            return None
+        return min(float(message_ttl_ms) / 2000, self.options.polling_interval)
 
     def _has_queue(self, queue, **kwargs):
         return self.db.run(self.db.q.has_queue, {"queue": queue}, fetch=True)[0][0]
@@ -420,6 +443,7 @@ class Channel(virtual.Channel):
         self._delete(queue)
         self.state.queue_bindings_delete(queue)
         self._auto_delete_queues.discard(queue)
+        self.connection.polled_queues.pop(queue, None)
 
     # -- exchanges and bindings -------------------------------------------------------------
 
@@ -497,23 +521,20 @@ class Transport(virtual.Transport):
     #: Set by the Celery integration: ``on_tasks_expired(task_ids)`` records tasks the sweeper
     #: moved to the dead letters because they expired with no consumer taking them.
     on_tasks_expired = None
+    #: Set by the Celery integration: ``on_tasks_revoked(task_ids)`` marks REVOKED the tasks whose
+    #: waiting messages `kombu-pg revoke` removed (it has no result backend to do it).
+    on_tasks_revoked = None
 
     def __init__(self, client, **kwargs):
-        self.options = config.Options.from_transport_options(client.transport_options)
+        green.cooperate()
+        self.options, conninfo = self.check_client(client)
         super().__init__(client, **kwargs)
         self.polling_interval = self.options.polling_interval
-        hostname = client.hostname or ""
-        if "://" in hostname and len(client.alt) > 1:  # a failover list, url1;url2
-            conninfo = config.to_conninfo(";".join(client.alt))
+        if len(client.alt) > 1 and "://" in (client.hostname or ""):
             # libpq tries every host at each connect. Kombu would instead switch the connection
             # to the next URL after an error, parsing it as an HTTP URL: libpq parameters fail
             # that (a TypeError), a host list too, and the URL's options would be lost.
             client.cycle = None
-        elif "://" in hostname:
-            conninfo = config.to_conninfo(hostname)
-        else:
-            conninfo = config.conninfo_from_parts(hostname, client.port, client.userid,
-                                                  client.password, client.virtual_host)
         self.db = database.get(conninfo, self.options, config.mask_url(conninfo))
         self._listen_conninfo = config.to_conninfo(self.options.listen_url) if self.options.listen_url else None
         self._poll_only = not self.options.listen
@@ -521,6 +542,7 @@ class Transport(virtual.Transport):
         self._ready: set[str] = set()  # queues that may have deliverable messages
         self._due: dict[str, float] = {}  # queue -> monotonic time its next known message is due
         self._due_unknown: set[str] = set()  # queues whose delayed messages' wake-ups we may have missed
+        self.polled_queues: dict[str, float] = {}  # queue -> seconds between claims (no wake-ups)
         self._buffered: collections.deque = collections.deque()  # claimed, not yet delivered
         self._hot: tuple | None = None  # (channel, queue) whose last claim came back full
         self._ahead: tuple | None = None  # (channel, queue, limit, Pending) of a claim sent ahead
@@ -531,6 +553,27 @@ class Transport(virtual.Transport):
         self._timer = None
         self._next_poll = 0.0  # monotonic time of the next safety-net poll
         self._poll_interval = self.options.polling_interval  # the wait after that poll
+
+    @staticmethod
+    def check_client(client) -> tuple[config.Options, str]:
+        """The options and libpq connection string of a ``kombu.Connection``, validated without
+        connecting; raises config.ConfigurationError (one line, no password)."""
+        options = config.Options.from_transport_options(client.transport_options)
+        if options.listen_url:
+            config.to_conninfo(options.listen_url)
+        hostname = client.hostname or ""
+        if "://" in hostname and len(client.alt) > 1:  # a failover list, url1;url2
+            return options, config.to_conninfo(";".join(client.alt))
+        if "://" in hostname:
+            alias = client.transport_cls
+            written_scheme = hostname.partition("://")[0].lower()
+            if (isinstance(alias, str) and alias.lower() in config.SCHEMES
+                    and written_scheme not in config.SCHEMES):
+                # Kombu took 'postgresql+psycopg://' apart: the error names the URL as written.
+                hostname = f"{alias}+{hostname}"
+            return options, config.to_conninfo(hostname)
+        return options, config.conninfo_from_parts(hostname, client.port, client.userid,
+                                                   client.password, client.virtual_host)
 
     def driver_version(self):
         return psycopg.__version__
@@ -706,6 +749,12 @@ class Transport(virtual.Transport):
                         "message(s)", done.queues_gone, done.expired)
         if done.buried:
             self._expired_unclaimed(done.buried)
+        if done.to_mark_revoked and Transport.on_tasks_revoked is not None:
+            try:
+                Transport.on_tasks_revoked(done.to_mark_revoked)
+            except Exception as exc:  # the messages are gone; only their state is not written
+                logger.error("kombu_pg: could not mark %d revoked task(s) REVOKED: %s",
+                             len(done.to_mark_revoked), exc)
 
     def _expired_unclaimed(self, buried: list[tuple]) -> None:
         for message_id, queue, task_id in buried:
@@ -770,6 +819,12 @@ class Transport(virtual.Transport):
 
     def _after_claim(self, queue: str, messages: Claimed, limit: int) -> None:
         """A claim that came back short drained the queue: wait for a wake-up."""
+        polled = self.polled_queues.get(queue)
+        if polled is not None:  # no wake-ups: claimed on a timer (and no sign of activity)
+            if messages.rows < limit:
+                self._ready.discard(queue)
+            self._wake_at(queue, polled)
+            return
         if messages.rows:
             self._activity()
         if messages.rows < limit:

@@ -140,6 +140,12 @@ def pg_url():
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def kombu_pg_server_url(pg_url):
+    """The server of kombu-pg's pytest plugin fixtures (kombu_pg_broker, ...): this suite's."""
+    return pg_url
+
+
 class Database:
     """An autocommit connection to the test database with a few query helpers."""
 
@@ -203,7 +209,12 @@ class Env:
         return cur.execute(query).fetchall()
 
     def message_count(self, queue: str | None = None) -> int:
-        return len(self.messages(queue))
+        """Messages of ``queue``, or of every task queue: Celery's remote-control and event
+        queues are left out (mingle's hello to a killed worker waits in its pidbox queue
+        until the queue expires)."""
+        if queue is not None:
+            return len(self.messages(queue))
+        return len(self.messages(where="queue NOT LIKE '%.pidbox' AND queue NOT LIKE 'celeryev.%'"))
 
     def wait_count(self, queue: str | None, count: int, timeout: float = 10.0) -> None:
         """Acks may be applied asynchronously (batched): poll until the queue has ``count`` rows."""

@@ -96,6 +96,8 @@ def test_two_beats_send_every_tick_once_and_fail_over_on_kill9(make_app, procs, 
     procs.worker(app, pool="prefork", concurrency=2)
     first = start_beat(procs, app, "beat-a")
     wait_log(first, "is now the leader")
+    [line] = [line for line in first.log().splitlines() if "is now the leader" in line]
+    assert ": INFO/" in line, line  # routine news, not a warning
     second = start_beat(procs, app, "beat-b")
     wait_log(second, "standby:")
 
@@ -156,6 +158,8 @@ def test_a_hung_leader_loses_the_lease_and_sends_no_duplicate(make_app, procs, e
     app = make_app(conf=beat_conf({"hb": ("mark", 1.0, ("hb",))}, kombu_pg_beat_lease=lease))
     first = start_beat(procs, app, "beat-a")
     wait_log(first, "is now the leader")
+    [line] = [line for line in first.log().splitlines() if "is now the leader" in line]
+    assert ": INFO/" in line, line  # routine news, not a warning
     second = start_beat(procs, app, "beat-b")
     wait_log(second, "standby:")
     time.sleep(2)

@@ -46,7 +46,7 @@ def test_which_statements_wait_for_the_flush(db, durable_leases):
 
     commit = {"synchronous_commit": Database("", lease_commit, "").lease_commit}
     rows, setting = run(conn, q.claim, {"queue": "q", "limit": 10, "max_attempts": 5, "lease_seconds": 30,
-                                        "held": [], **commit})
+                                        "held": [], "holder": "w1@host[1]", **commit})
     assert len(rows) == 2 and setting == lease_setting
     ids, tokens = [r[0] for r in rows], [r[1] for r in rows]
     assert synchronous_commit_after(

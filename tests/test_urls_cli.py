@@ -209,7 +209,25 @@ def test_worker_with_unknown_transport_option_exits_naming_it(make_app, procs):
     app = make_app(transport_options={"visibilty_timeout": 5})  # sic: a typo
     worker = procs.worker(app, wait=False)
     assert worker.wait_exit(60) != 0
-    assert "unknown transport option 'visibilty_timeout'" in worker.log()
+    # One line, naming the option and the known ones; no traceback before it.
+    line = one_line(worker.log())
+    assert line.startswith("kombu-pg: unknown transport option 'visibilty_timeout'"), line
+    assert "known options:" in line and "visibility_timeout" in line.split("known options:")[1], line
+
+
+def test_sqlalchemy_style_url_names_what_was_written_and_the_fix(env, make_app, procs):
+    _, _, rest = env.url.partition("://")
+    written = f"postgresql+psycopg://{rest}"
+    fix = f"write {'postgresql://' + rest!r}"
+    # Kombu hands the transport 'psycopg://...': the message still names the URL as written.
+    message = connect_error(written, schema=env.broker_schema)
+    assert f"{written!r}" in message and fix in message, message
+    out = procs.run([console_script("kombu-pg"), "--url", written, "stats"])
+    assert out.returncode == 1 and fix in one_line(out.stderr), out.stderr
+    worker = procs.worker(make_app(broker_url=written), wait=False)
+    assert worker.wait_exit(60) != 0
+    line = one_line(worker.log())
+    assert "'+psycopg' names a SQLAlchemy driver" in line and fix in line, line
 
 
 def test_worker_with_wrong_password_logs_reason_not_password(password_server, make_app, procs):

@@ -127,7 +127,7 @@ def values(conn, env, queue: str, payload: str) -> dict:
         "channel": lit(options.notify_channel), "lease_seconds": str(options.visibility_timeout),
         "ids": ":ids", "tokens": ":tokens",
         # As the transport sends them: no lease held yet, leases committed durably (the default).
-        "held": "'{}'", "synchronous_commit": lit("on" if options.durable_leases else "off"),
+        "held": "'{}'", "holder": lit("bench[1]"), "synchronous_commit": lit("on" if options.durable_leases else "off"),
         # The transport NOTIFYs only on a publish more than 5 ms after the previous one to the same
         # destination: in a burst, hardly ever. The limit is the statement without it.
         "notify": "false",

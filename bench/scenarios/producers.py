@@ -6,7 +6,11 @@ held producer per process, as in celery_e2e). The producers connect first and ar
 together. Per case:
 - tasks/s: `n` over the time from the first publish to the start of the last task;
 - publish/s: `n` over the time from the first publish to the last one returning, all producers;
-- publish latency p50/p99: the duration of each apply_async call, over all producers.
+- publish latency p50/p99: the duration of each apply_async call, over all producers;
+- CPU per task (ms), where the machine's two cores went: the producer processes (their own
+  process time over the publish loop), the worker (main process and pool children), and the
+  broker's server (PostgreSQL's postmaster and its children, beam.smp, redis-server), each
+  summed from the first publish to the last start, processes that exited meanwhile included.
 """
 from __future__ import annotations
 
@@ -16,7 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from .. import celery_app, procs, stats
+import psutil
+
+from .. import brokers, celery_app, procs, stats
 
 NAME = "producers"
 KINDS = {"kombu-pg", "redis", "rabbitmq"}
@@ -33,13 +39,13 @@ def send_timed(endpoint, queue: str, n: int, ready, go) -> dict:
         producer.connection.ensure_connection(max_retries=3)  # connecting is not publishing
         ready.set()
         go.wait()
-        start = time.time()
+        start, cpu = time.time(), time.process_time()
         for _ in range(n):
             began = time.perf_counter()
             task.apply_async(args=(time.time(),), producer=producer)
             durations.append(time.perf_counter() - began)
-        end = time.time()
-    return {"start": start, "end": end, "durations": durations.tobytes()}
+        end, cpu = time.time(), time.process_time() - cpu
+    return {"start": start, "end": end, "cpu": cpu, "durations": durations.tobytes()}
 
 
 def publish_together(endpoint, queue: str, n: int, producers: int, within: float) -> list[dict]:
@@ -60,6 +66,30 @@ def shares(n: int, parts: int) -> list[int]:
     return [n // parts + (i < n % parts) for i in range(parts)]
 
 
+#: The broker's server process, by name (PostgreSQL's is found through a session of its own).
+SERVER_PROCESS = {"redis": "redis-server", "rabbitmq": "beam.smp"}
+
+
+def tree_cpu_seconds(root: psutil.Process) -> float:
+    """CPU time of ``root`` and its descendants so far, those that exited included: a process
+    that ended was reaped by its parent, which adds its time to the parent's children times
+    (PostgreSQL's backends of producers that disconnected, a worker's pool children)."""
+    total = 0.0
+    for process in (root, *root.children(recursive=True)):
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def server_root(env) -> psutil.Process:
+    if env.kind == "kombu-pg":  # the postmaster: the parent of any of its sessions
+        with brokers.pg_connect(env.broker.url) as conn:
+            return psutil.Process(conn.info.backend_pid).parent()
+    name = SERVER_PROCESS[env.kind]
+    return next(process for process in psutil.process_iter(["name"]) if process.info["name"] == name)
+
+
 def run(env, p) -> dict:
     metrics = {}
     for pool, concurrency in p["pools"].items():
@@ -71,9 +101,13 @@ def run(env, p) -> dict:
             done = 0
             for producers in p["producers"]:
                 within = 60 + p["n"] / 20
+                server, tree = server_root(env), psutil.Process(worker.pid)
+                cpu_before = tree_cpu_seconds(server), tree_cpu_seconds(tree)
                 sent = publish_together(env.endpoint, queue, p["n"], producers, within)
                 done += p["n"]
                 worker.wait_started(done, within)
+                cpu_server, cpu_worker = (tree_cpu_seconds(server) - cpu_before[0],
+                                          tree_cpu_seconds(tree) - cpu_before[1])
                 starts = [started for _, started in celery_app.read_records(worker.done_file)[done - p["n"]:]]
                 first = min(s["start"] for s in sent)
                 durations = [d for s in sent for d in array.array("d", s["durations"])]
@@ -83,4 +117,8 @@ def run(env, p) -> dict:
                 latency = stats.latency_ms(durations, "publish")
                 metrics[f"{key}.publish_p50_ms"] = latency["publish_p50_ms"]
                 metrics[f"{key}.publish_p99_ms"] = latency["publish_p99_ms"]
+                per_task_ms = 1000 / p["n"]
+                metrics[f"{key}.cpu_ms_per_task_producers"] = sum(s["cpu"] for s in sent) * per_task_ms
+                metrics[f"{key}.cpu_ms_per_task_worker"] = cpu_worker * per_task_ms
+                metrics[f"{key}.cpu_ms_per_task_server"] = cpu_server * per_task_ms
     return metrics

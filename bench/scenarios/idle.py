@@ -1,24 +1,26 @@
-"""What idle consumers cost the PostgreSQL server: transactions and CPU time.
+"""idle: what idle consumers cost the PostgreSQL server, in transactions and CPU time.
 
-    python -m bench.idle [--consumers 200] [--processes 4] [--settle 45] [--window 120]
-
-Starts a PostgreSQL server of its own with stock settings (kombu_pg.testing.server), then
-``--consumers`` plain Kombu consumers spread over ``--processes`` processes, each consumer a
+The scenario starts a PostgreSQL server of its own with stock settings (kombu_pg.testing.server),
+then `consumers` plain Kombu consumers spread over `processes` processes, each consumer a
 connection of its own (its own LISTEN session) consuming a shared queue and one of its own, as
-a Celery worker consumes its task queue and its remote-control queue. After they settled (the
-safety-net poll backs off to max_polling_interval), it measures over ``--window`` seconds the
+a Celery worker consumes its task queue and its remote-control queue. After they settled for `settle`
+seconds (the safety-net poll backs off to max_polling_interval), it measures over `window` seconds the
 server's transactions (pg_stat_database, this database) and the CPU time of the server's
 processes (postmaster, backends, background processes: utime + stime from /proc), against the
 same measurement with no consumer running.
 """
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import time
 
 import psycopg
+
+NAME = "idle"
+KINDS = {"kombu-pg"}
+PARAMS = {"quick": {"consumers": 20, "processes": 2, "settle": 10, "window": 20},
+          "full": {"consumers": 200, "processes": 4, "settle": 45, "window": 120}}
 
 CONSUMER = r'''
 import sys, threading, kombu
@@ -59,36 +61,32 @@ def measure(conn, server, seconds: float) -> tuple[float, float]:
     return (xacts() - before) / elapsed, (server.cpu_seconds() - cpu) / elapsed
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--consumers", type=int, default=200)
-    parser.add_argument("--processes", type=int, default=4)
-    parser.add_argument("--settle", type=float, default=45)
-    parser.add_argument("--window", type=float, default=120)
-    args = parser.parse_args()
-
+def run(env, p):
+    """Measured on a server of the scenario's own (``env``'s server is not used)."""
     from kombu_pg.testing.server import PrivateServer
 
-    server = PrivateServer(max_connections=args.consumers + 50)
+    server = PrivateServer(max_connections=p["consumers"] + 50)
     procs = []
     try:
         with psycopg.connect(server.url, autocommit=True, application_name="bench_idle") as conn:
-            baseline, baseline_cpu = measure(conn, server, args.window)
-            per = -(-args.consumers // args.processes)
-            for first in range(0, args.consumers, per):
+            info = {"server_version": conn.execute("SHOW server_version").fetchone()[0],
+                    "started_by": "the bench: initdb defaults (stock settings)"}
+            print(f"    {env.broker.name}: idle consumers on a PostgreSQL {info['server_version']} "
+                  f"server started by the bench with stock settings, port {server.port}", flush=True)
+            baseline, baseline_cpu = measure(conn, server, p["window"])
+            per = -(-p["consumers"] // p["processes"])
+            for first in range(0, p["consumers"], per):
                 procs.append(subprocess.Popen([sys.executable, "-c", CONSUMER, server.url, str(first),
-                                               str(min(per, args.consumers - first))],
+                                               str(min(per, p["consumers"] - first))],
                                               stdin=subprocess.PIPE, start_new_session=True))
             deadline = time.monotonic() + 120
             while conn.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN %'"
-                               ).fetchone()[0] < args.consumers:
+                               ).fetchone()[0] < p["consumers"]:
                 if time.monotonic() > deadline:
-                    sys.exit("bench.idle: the consumers did not all start listening within 120 s")
+                    raise TimeoutError("the consumers did not all start listening within 120 s")
                 time.sleep(0.5)
-            time.sleep(args.settle)
-            idle, idle_cpu = measure(conn, server, args.window)
-            backends = conn.execute("SELECT count(*) FROM pg_stat_activity"
-                                    " WHERE backend_type = 'client backend'").fetchone()[0]
+            time.sleep(p["settle"])
+            idle, idle_cpu = measure(conn, server, p["window"])
     finally:
         for proc in procs:
             proc.stdin.close()
@@ -97,15 +95,12 @@ def main() -> None:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
         server.close()
-    cost = idle - baseline
-    print(f"{args.consumers} idle Kombu consumers in {args.processes} processes, {backends} server sessions, "
-          f"{args.window:g} s window after {args.settle:g} s settling")
-    print(f"server transactions/s: {baseline:.2f} without consumers, {idle:.2f} with: "
-          f"{cost:.2f} ({cost / args.consumers:.3f} per consumer)")
-    print(f"server CPU: {baseline_cpu:.2%} of a core without consumers, {idle_cpu:.2%} with: "
-          f"{idle_cpu - baseline_cpu:.2%} of a core for {args.consumers} idle consumers")
-
-
-if __name__ == "__main__":
-    main()
+    metrics = {"consumers": p["consumers"],
+               "server_tx_rate_per_consumer": (idle - baseline) / p["consumers"],
+               "server_tx_rate": idle - baseline,
+               "server_cpu_pct_of_core": 100 * (idle_cpu - baseline_cpu),
+               "baseline_tx_rate": baseline,
+               "baseline_cpu_pct_of_core": 100 * baseline_cpu}
+    return metrics, {"server": info}
