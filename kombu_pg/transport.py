@@ -236,7 +236,7 @@ class Channel(virtual.Channel):
     def _claim_statement(self, queue: str, limit: int) -> tuple:
         statement = self.db.prepared["claim_no_ack" if queue in self._no_ack_queues else "claim"]
         return statement, {"queue": queue, "limit": limit,
-                           "max_attempts": self.options.policy(queue)["max_attempts"],
+                           "default_max_attempts": self.options.policy(queue)["max_attempts"],
                            "lease_seconds": self.options.visibility_timeout,
                            "held": self.db.leases.held_literal(),
                            "synchronous_commit": self.db.lease_commit,

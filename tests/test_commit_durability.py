@@ -45,7 +45,7 @@ def test_which_statements_wait_for_the_flush(db, durable_leases):
     assert synchronous_commit_after(conn, q.publish_direct, PUBLISH) == "on"
 
     commit = {"synchronous_commit": Database("", lease_commit, "").lease_commit}
-    rows, setting = run(conn, q.claim, {"queue": "q", "limit": 10, "max_attempts": 5, "lease_seconds": 30,
+    rows, setting = run(conn, q.claim, {"queue": "q", "limit": 10, "default_max_attempts": 5, "lease_seconds": 30,
                                         "held": [], "holder": "w1@host[1]", **commit})
     assert len(rows) == 2 and setting == lease_setting
     ids, tokens = [r[0] for r in rows], [r[1] for r in rows]

@@ -42,7 +42,7 @@ def nodes(node):
 @pytest.mark.parametrize("queue", ["deep", "later"])
 def test_claim_uses_the_claim_index_at_100k_rows(env, deep_schema, queue):
     q = for_schema(deep_schema)
-    result = plan(env.url, q.claim, {"queue": queue, "limit": 10, "max_attempts": 5, "lease_seconds": 30,
+    result = plan(env.url, q.claim, {"queue": queue, "limit": 10, "default_max_attempts": 5, "lease_seconds": 30,
                                         "held": [1, 2, 3], "synchronous_commit": "on", "holder": "w1@host[1]"})
     scans = [n for n in nodes(result["Plan"]) if n.get("Relation Name") == "messages"]
     assert scans, json.dumps(result, indent=1)

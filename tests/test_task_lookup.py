@@ -111,7 +111,7 @@ def test_the_claim_records_its_holder_in_hot_updates(env):
     with psycopg.connect(env.url) as conn:  # one transaction: its own statistics, rolled back
         conn.execute(sql.SQL("INSERT INTO {} (queue, payload, task_id) "
                              "SELECT 'q', 'x', 't' || i FROM generate_series(1, 20) AS i").format(env.t("messages")))
-        rows = conn.execute(q.claim, {"queue": "q", "limit": 50, "max_attempts": 5, "lease_seconds": 30,
+        rows = conn.execute(q.claim, {"queue": "q", "limit": 50, "default_max_attempts": 5, "lease_seconds": 30,
                                       "held": [], "synchronous_commit": "on", "holder": "w9@h[7]"}).fetchall()
         assert len(rows) == 20 and not any(row[-1] for row in rows)  # none revoked
         updated, hot = conn.execute("SELECT pg_stat_get_xact_tuples_updated(%s::regclass), "
