@@ -44,6 +44,14 @@ TEMPLATES: dict[str, str] = {name: text for blocks in FILES.values() for name, t
 NAMES: tuple[str, ...] = tuple(name for name in TEMPLATES if not name.startswith(_FRAGMENT))
 
 
+def migrations_dir() -> Path:
+    """Where the numbered migration files are (the one place that knows): inside the wheel
+    they are package data, kombu_pg/migrations (pyproject.toml force-includes them); in a
+    checkout they sit at the top level."""
+    packaged = SQL_DIR.parent / "migrations"
+    return packaged if packaged.is_dir() else SQL_DIR.resolve().parent.parent / "migrations"
+
+
 def placeholders(text: str) -> set[str]:
     """The ``{name}`` placeholders of a template."""
     return {field for _, field, _, _ in string.Formatter().parse(text) if field}
