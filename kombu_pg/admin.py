@@ -169,7 +169,7 @@ class Admin:
             while True:
                 count, last_id = self.store.dlq_replay_batch(conn, filter, after=after, limit=batch,
                                                              channel=self.channel)
-                if not count:
+                if not count or last_id is None:
                     break
                 total, after = total + count, last_id
                 if progress:
@@ -194,7 +194,8 @@ class Admin:
         with self.session() as conn:
             queues = self.store.stats_queues(conn)
             dead = self.store.stats_dead_letters(conn)
-        return {"queues": [row._asdict() for row in queues], "dead_letters": [row._asdict() for row in dead]}
+        return {"queues": [row._asdict() for row in queues],
+                "dead_letters": [{"queue": queue, "reason": reason, "count": count} for queue, reason, count in dead]}
 
     # -- tasks --------------------------------------------------------------------------------
 

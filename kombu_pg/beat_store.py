@@ -171,7 +171,8 @@ class BeatStore:
         """Make the 'config' entries those given: add new ones, update changed definitions
         (run state kept), delete those no longer given. Entries added from the CLI are left
         alone unless a configured entry has their name (then the configuration wins)."""
-        added, updated = [], []
+        added: list[str] = []
+        updated: list[str] = []
         with conn.transaction():
             self._store.beat_sync_lock(conn)
             for entry in sorted(entries, key=lambda e: e.name):

@@ -38,6 +38,14 @@ class Statements:
         rows = cls._rows(target, query, params)
         return rows[0] if rows else None
 
+    @classmethod
+    def _value(cls, target: Target, query: str, params: dict[str, Any]) -> Any:
+        """The first column of the statement's one row."""
+        row = cls._row(target, query, params)
+        if row is None:
+            raise LookupError("the statement returned no row")
+        return row[0]
+
     @staticmethod
     def _count(target: Target, query: str, params: dict[str, Any]) -> int:
         """The statement's row count (rows changed, or returned)."""

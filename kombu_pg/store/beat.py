@@ -18,7 +18,7 @@ class BeatStatements(Statements):
         conn.execute(self.q.beat_session_setup, {"limit": limit})
 
     def beat_tables_exist(self, conn: psycopg.Connection) -> bool:
-        return conn.execute(self.q.beat_tables_exist, {"schema": self.schema}).fetchone()[0]
+        return self._value(conn, self.q.beat_tables_exist, {"schema": self.schema})
 
     def beat_entries(self, conn: psycopg.Connection) -> list[tuple]:
         """Rows in the column order of kombu_pg.beat_store.EntryRow."""
@@ -56,7 +56,9 @@ class BeatStatements(Statements):
 
     def beat_leader(self, conn: psycopg.Connection) -> tuple:
         """A row in the column order of kombu_pg.beat_store.LeaderRow."""
-        return conn.execute(self.q.beat_leader, {}).fetchone()
+        row = self._row(conn, self.q.beat_leader, {})
+        assert row is not None  # the table has one row
+        return row
 
     def beat_lead(self, conn: psycopg.Connection, *, me: str, lease: float) -> dt.datetime | None:
         row = conn.execute(self.q.beat_lead, {"me": me, "lease": lease}).fetchone()

@@ -102,17 +102,14 @@ class MessageStatements(Statements):
     def dead_letter_taken(self, target: Target, *, id: int, queue: str, priority: int, attempts: int,
                           payload: str, reason: str, error: dict) -> int:
         """Dead-letter a message a no-ack claim already deleted; the dead letter's id."""
-        row = self._row(target, self.q.dead_letter_taken, {
+        return self._value(target, self.q.dead_letter_taken, {
             "id": id, "queue": queue, "priority": priority, "attempts": attempts, "payload": payload,
             "reason": reason, "error": error_json(error)})
-        assert row is not None
-        return row[0]
 
     # -- a queue's messages -------------------------------------------------------------------
 
     def size(self, target: Target, *, queue: str) -> int:
-        row = self._row(target, self.q.size, {"queue": queue})
-        return row[0] if row else 0
+        return self._value(target, self.q.size, {"queue": queue})
 
     def purge(self, target: Target, *, queue: str) -> int:
         return self._count(target, self.q.purge, {"queue": queue})

@@ -19,8 +19,7 @@ class OperatorStatements(Statements):
             "backoff_base": backoff_base, "backoff_cap": backoff_cap})
 
     def has_queue(self, target: Target, *, queue: str) -> bool:
-        row = self._row(target, self.q.has_queue, {"queue": queue})
-        return bool(row and row[0])
+        return self._value(target, self.q.has_queue, {"queue": queue})
 
     def delete_queue(self, target: Target, *, queue: str) -> int:
         """The queue, its bindings and its messages; how many messages went."""
@@ -69,16 +68,14 @@ class OperatorStatements(Statements):
         return DeadLetterRow(*row) if row else None
 
     def dlq_count(self, target: Target, filter: Filter) -> int:
-        row = self._row(target, self.q.dlq_count, filter.params())
-        return row[0] if row else 0
+        return self._value(target, self.q.dlq_count, filter.params())
 
     def dlq_replay_batch(self, target: Target, filter: Filter, *, after: int, limit: int,
                          channel: str) -> ReplayBatch:
         """Requeue the next ``limit`` matching dead letters with id > ``after``."""
         row = self._row(target, self.q.dlq_replay_batch,
                         dict(filter.params(), after=after, limit=limit, channel=channel))
-        assert row is not None
-        return ReplayBatch(row[0], row[1])
+        return ReplayBatch(*row[:2]) if row else ReplayBatch(0, None)
 
     def dlq_purge(self, target: Target, filter: Filter) -> int:
         return self._count(target, self.q.dlq_purge, filter.params())

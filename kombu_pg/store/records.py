@@ -140,7 +140,7 @@ class QueueStats(NamedTuple):
 class DeadLetterCount(NamedTuple):
     queue: str
     reason: str
-    count: int
+    dead_letters: int  # not yet replayed
 
 
 class LockHolder(NamedTuple):
@@ -150,8 +150,8 @@ class LockHolder(NamedTuple):
 
 
 class ReplayBatch(NamedTuple):
-    count: int
-    last_id: int | None
+    requeued: int
+    last_id: int | None  # the batch's highest dead-letter id: the next batch starts after it
 
 
 class DeadLetterRow(NamedTuple):

@@ -20,8 +20,7 @@ class UpkeepStatements(Statements):
 
     def server_backend_pid(self, conn: psycopg.Connection) -> int:
         """The server process running this connection's statements (see pooler.py)."""
-        [(pid,)] = conn.execute(self.q.server_backend_pid, {}).fetchall()
-        return pid
+        return self._value(conn, self.q.server_backend_pid, {})
 
     def listen(self, conn: psycopg.Connection, *, channel: str) -> None:
         conn.execute(self.q.compose("listen", channel=channel))
@@ -30,7 +29,7 @@ class UpkeepStatements(Statements):
 
     def migrations_table_exists(self, conn: psycopg.Connection) -> bool:
         """Read only; raises InsufficientPrivilege when the role may not use the schema."""
-        return conn.execute(self.q.migrations_table_exists, {"schema": self.schema}).fetchone()[0]
+        return self._value(conn, self.q.migrations_table_exists, {"schema": self.schema})
 
     def applied_migrations(self, conn: psycopg.Connection) -> set[int]:
         return {row[0] for row in conn.execute(self.q.applied_migrations, {})}
