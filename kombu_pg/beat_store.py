@@ -18,7 +18,6 @@ import psycopg
 from . import config
 from .store import store_for
 
-SOURCES = ("config", "cli")
 #: Five crontab fields: minute hour day-of-month month day-of-week.
 _CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,\-]+$")
 

@@ -19,8 +19,6 @@ def statements(schema: str, role: str) -> list[str]:
 
 def apply(conn: psycopg.Connection, schema: str, role: str) -> list[str]:
     """Run them, all or none; returns them."""
-    done = statements(schema, role)
-    with conn.transaction():
-        for statement in done:
-            conn.execute(statement)
-    return done
+    from .store import store_for  # not at the top: the store renders them with statements()
+
+    return store_for(schema).grant(conn, role=role)

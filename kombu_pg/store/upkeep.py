@@ -8,6 +8,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from .. import grants
 from ._base import Statements, Target
 from .records import ExpiredTask, LockHolder, Reaped, VacuumStats
 
@@ -54,6 +55,15 @@ class UpkeepStatements(Statements):
         uses the simple query protocol) and record it, in the caller's transaction."""
         conn.execute(sql.SQL(path.read_text()).format(schema=sql.Identifier(self.schema)))
         conn.execute(self.q.record_migration, {"version": version, "name": name})
+
+    def grant(self, conn: psycopg.Connection, *, role: str) -> list[str]:
+        """Give ``role`` the runtime privileges of kombu_pg/grants.sql, all or none; the
+        statements run."""
+        done = grants.statements(self.schema, role)
+        with conn.transaction():
+            for statement in done:
+                conn.execute(statement)
+        return done
 
     # -- housekeeping rounds (in the round's transaction) -------------------------------------
 
