@@ -5,7 +5,7 @@ spliced in where another block (or fragment) says ``{x}``; ``{schema}`` is the q
 name; values are always ``%(name)s`` parameters. A statement with another ``{name}`` (an
 identifier known only at run time, such as LISTEN's channel) is kept as a template.
 
-Only :mod:`kombu_pg.store` and the transport's hot path (prepared.py) execute these.
+Their caller is :mod:`kombu_pg.store` (the hot ones also run through prepared.py).
 """
 from __future__ import annotations
 
