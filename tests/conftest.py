@@ -1,6 +1,7 @@
 """Test harness: a real PostgreSQL server, per-test schemas, Celery apps and worker processes.
 
-Rings (directories; each test is also marked with its ring, so ``-m unit`` works too):
+Rings (directories; each test is also marked with its ring, so ``-m unit`` works too; the
+markers are declared in pyproject.toml):
 ``unit/`` pure logic, no database and no subprocess (the whole ring runs in seconds; a unit test
 that asks for the database fails at collection); ``integration/`` real PostgreSQL, everything in
 this process; ``acceptance/`` Celery workers, beat, the CLI and scripts as subprocesses, and
@@ -50,8 +51,6 @@ NOT_IN_UNIT = {"pg_url", "procs", "private_server", "private_pooler", "pytester"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds (runs by default)")
-    for ring in RINGS:
-        config.addinivalue_line("markers", f"{ring}: a test of the tests/{ring}/ ring")
 
 
 def ring_of(path: Path) -> str | None:
