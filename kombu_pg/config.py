@@ -256,6 +256,7 @@ def _coerce(key, type_name, value):
 #: (whose values may be quoted, with backslash escapes).
 _QUERY_SECRET = re.compile(r"([?&](?:ssl)?password=)[^&#]*", re.IGNORECASE)
 _KEYWORD_SECRET = re.compile(r"(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)", re.IGNORECASE)
+_SCHEMELESS_SECRET = re.compile(r"^([^\s/@:=]+:)[^\s/=]*@")
 
 
 def mask_url(url: str, mask: str = "**") -> str:
@@ -263,7 +264,8 @@ def mask_url(url: str, mask: str = "**") -> str:
     nothing else changed: host lists, an empty host (``postgresql:///db?host=h1,h2``) and the
     parameters stay as written. A libpq ``key=value`` string has its password masked too."""
     scheme, sep, rest = url.partition("://")
-    if not sep:
+    if not sep:  # key=value pairs, or a URL whose scheme was left out (user:password@host)
+        url = _SCHEMELESS_SECRET.sub(lambda m: m.group(1) + mask + "@", url)
         return _KEYWORD_SECRET.sub(lambda m: m.group(1) + mask, url)
     end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
     netloc, tail = rest[:end], rest[end:]
