@@ -54,7 +54,9 @@ def pytest_configure(config):
 
 
 def ring_of(path: Path) -> str | None:
-    parts = path.relative_to(Path(__file__).parent).parts if path.is_relative_to(Path(__file__).parent) else ()
+    """The ring of a test file: the directory under tests/ it lies in."""
+    tests = Path(__file__).parent
+    parts = path.relative_to(tests).parts if path.is_relative_to(tests) else ()
     return parts[0] if len(parts) > 1 and parts[0] in RINGS else None
 
 
@@ -70,6 +72,15 @@ def pytest_collection_modifyitems(config, items):
     if misplaced:
         raise pytest.UsageError("unit tests must not need PostgreSQL or subprocesses; move them to "
                                 "tests/integration or tests/acceptance:\n  " + "\n  ".join(misplaced))
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(request, monkeypatch):
+    if ring_of(Path(request.node.path)) == "unit":
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"a unit test started a subprocess ({args[:1]}): it belongs in tests/acceptance")
+
+        monkeypatch.setattr(subprocess, "Popen", refuse)
 
 
 # ---------------------------------------------------------------------------------------------
