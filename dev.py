@@ -9,7 +9,7 @@
 The tests come in three rings: tests/unit (pure logic), tests/integration (a real
 PostgreSQL, in-process) and tests/acceptance (Celery workers, beat, the CLI and servers of
 their own, as subprocesses). The whole suite is spread over the machine's cores with
-pytest-xdist; the unit ring alone runs in this process.
+pytest-xdist; the unit ring alone runs in a single process.
 
 The first run creates .venv/ in the repository and installs the project into it
 (editable, with the 'dev' extras); later runs reuse it and reinstall only when
