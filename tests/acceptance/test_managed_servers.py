@@ -27,6 +27,7 @@ def idle_sessions_closed(server) -> int:
     return Path(server.logfile).read_text().count("terminating connection due to idle-session timeout")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_worker_and_producer_idle_longer_than_the_server_allows(idle_closing_server, env, make_app, procs):
     server = idle_closing_server
