@@ -142,7 +142,7 @@ def test_worker_without_the_integration_says_so(tmp_path, env, procs):
     path = tmp_path / f"{name}.py"
     path.write_text(path.read_text().replace(
         "app.conf.update(", "app.conf.update(broker_transport='kombu_pg.transport:Transport', "))
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     procs.env = dict(procs.env, PYTHONPATH=os.pathsep.join(
         [str(tmp_path), sysconfig.get_paths()["purelib"], str(repo)]))
     worker = procs.spawn([PY, "-S", "-m", "celery", "-A", name, "worker", "-P", "solo", "-n", f"w1@{HOST}",

@@ -48,6 +48,7 @@ def beat_pid(server, env) -> int | None:
     return row and row[0]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_every_connection_verifies_the_server(tls_server, env, make_app, procs, monkeypatch):
     monkeypatch.setenv("PGSSLMODE", "disable")
@@ -84,6 +85,7 @@ def test_every_connection_verifies_the_server(tls_server, env, make_app, procs, 
     assert "celery" in stats.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_wrong_root_certificate_is_one_clear_line(tls_server, env, make_app, procs, tmp_path):
     from kombu_pg.testing.server import certificate_authority

@@ -105,23 +105,33 @@ def test_message_of_a_killed_worker_reaches_an_idle_worker_soon_after_its_lease_
                    transport_options={"sweep_interval": 0.5, "max_polling_interval": 60})
     keeper = procs.worker(app, name="keeper", pool="solo", concurrency=1, extra_args=("-Q", "elsewhere"))
     wait_for(lambda: runs_the_housekeeping(env, keeper), 30, what="the first worker to run the housekeeping")
-    delays = []
-    for attempt in range(3):
-        label = f"lost{attempt}"
-        victim = procs.worker(app, name=f"victim{attempt}", pool="solo", concurrency=1, extra_args=("-Q", "victim"))
-        app.slow_first_time.apply_async((label, 300), queue="victim")  # sleeps on its first delivery only
-        env.wait_runs(1, label)
-        idle = procs.worker(app, name=f"idle{attempt}", pool="solo", concurrency=1, extra_args=("-Q", "victim"))
-        # Its safety-net polls come about 1, 3, 7, 15 and 31 s after it started: kill the
-        # victim now, and the lease runs out well before the next one.
-        time.sleep(17)
+    # Three tries at once, each on a queue of its own: a victim and an idle worker per queue.
+    tries = range(3)
+
+    def workers(role: str) -> list:
+        started = [procs.worker(app, name=f"{role}{i}", pool="solo", concurrency=1,
+                                extra_args=("-Q", f"victim{i}"), wait=False) for i in tries]
+        return [worker.wait_ready() for worker in started]
+
+    victims = workers("victim")
+    for i in tries:  # sleeps on its first delivery only
+        app.slow_first_time.apply_async((f"lost{i}", 300), queue=f"victim{i}")
+    for i in tries:
+        env.wait_runs(1, f"lost{i}")
+    idles = workers("idle")
+    # Their safety-net polls come about 1, 3, 7, 15 and 31 s after they started: kill the
+    # victims now, and the leases run out well before the next one.
+    time.sleep(17)
+    killed_at = []
+    for victim in victims:
         victim.kill9()
-        killed_at = env.db.scalar("SELECT clock_timestamp()")
-        first, second = env.wait_runs(2, label, timeout=60)
-        assert second["hostname"] == idle.hostname and second["redelivered"], second
-        delays.append((second["started_at"] - killed_at).total_seconds())
-        idle.terminate()
-        idle.wait_exit(30)
+        killed_at.append(env.db.scalar("SELECT clock_timestamp()"))
+        time.sleep(1.3)  # the next kill at another point of the housekeeper's rounds
+    delays = []
+    for i in tries:
+        first, second = env.wait_runs(2, f"lost{i}", timeout=60)
+        assert second["hostname"] == idles[i].hostname and second["redelivered"], second
+        delays.append((second["started_at"] - killed_at[i]).total_seconds())
     print(f"\nkill to redelivery to an idle worker: {', '.join(f'{d:.2f}' for d in delays)} s")
     # The lease ends at most VISIBILITY after the kill (it was renewed every third of it).
     assert statistics.median(delays) <= VISIBILITY + LEASE_TO_DELIVERY, delays
@@ -266,15 +276,22 @@ def test_delayed_messages_published_while_nobody_listened_run_on_time(make_app, 
 def test_without_listen_an_idle_worker_keeps_polling_every_polling_interval(make_app, procs, env):
     # Poll-only mode (e.g. behind a pooler in transaction mode): no wake-up ever comes, so the
     # poll must not back off, however long the worker has been idle.
+    # Three tries at once: a worker of its own for each queue, each idle since it started.
     app = make_app(transport_options={"listen": False, "max_polling_interval": 60})
-    procs.worker(app, pool="solo", concurrency=1)
+    queues = ["polled0", "polled1", "polled2"]
+    workers = [procs.worker(app, name=queue, pool="solo", concurrency=1, extra_args=("-Q", queue), wait=False)
+               for queue in queues]
+    for worker in workers:
+        worker.wait_ready()
+    time.sleep(16)  # backing off, the polls would now come 16 s apart
+    sent = {}
+    for queue in queues:
+        sent[queue] = env.db.scalar("SELECT clock_timestamp()")
+        app.mark.apply_async((queue,), queue=queue)
     waits = []
-    for attempt in range(3):
-        time.sleep(16)  # backing off, the poll would now come 16 s apart
-        sent = env.db.scalar("SELECT clock_timestamp()")
-        app.mark.delay(f"polled{attempt}")
-        [run] = env.wait_runs(1, f"polled{attempt}", timeout=90)
-        waits.append((run["started_at"] - sent).total_seconds())
+    for queue in queues:
+        [run] = env.wait_runs(1, queue, timeout=90)
+        waits.append((run["started_at"] - sent[queue]).total_seconds())
     print(f"\npublish to start without LISTEN: {', '.join(f'{w:.2f}' for w in waits)} s")
     # polling_interval (1 s), plus the claim and the hand-over.
     assert statistics.median(waits) <= 2.0, waits

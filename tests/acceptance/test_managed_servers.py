@@ -27,6 +27,7 @@ def idle_sessions_closed(server) -> int:
     return Path(server.logfile).read_text().count("terminating connection due to idle-session timeout")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_worker_and_producer_idle_longer_than_the_server_allows(idle_closing_server, env, make_app, procs):
     server = idle_closing_server
@@ -51,15 +52,15 @@ def test_worker_and_producer_idle_longer_than_the_server_allows(idle_closing_ser
     assert not re.search(r"ERROR|CRITICAL|lease renewal failed|lost the lease", log), log
 
 
-PRODUCT = Path(__file__).resolve().parent.parent
+PRODUCT = Path(__file__).resolve().parents[2]
 SETTING_CHANGES = re.compile(r"set_config\('(\w+)'|\bSET\s+(?:LOCAL|SESSION)\s+(\w+)", re.IGNORECASE)
 
 
 def product_sources() -> dict[Path, str]:
     """The SQL and Python the product runs (not its test harness)."""
-    files = [*PRODUCT.glob("migrations/*.sql"), *PRODUCT.glob("kombu_pg/*.sql"),
-             *PRODUCT.glob("kombu_pg/*.py"), *PRODUCT.glob("celery_ext/*.py")]
-    return {path: path.read_text() for path in files}
+    files = [*PRODUCT.glob("migrations/*.sql"), *PRODUCT.glob("kombu_pg/**/*.sql"),
+             *PRODUCT.glob("kombu_pg/**/*.py"), *PRODUCT.glob("celery_ext/**/*.py")]
+    return {path: path.read_text() for path in files if "testing" not in path.relative_to(PRODUCT).parts}
 
 
 def test_no_extension_and_only_settings_any_role_may_change(env):

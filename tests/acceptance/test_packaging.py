@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
@@ -53,6 +53,8 @@ def test_wheel_registers_the_pytest_plugin_and_offers_the_result_backend_extra(t
         names = wheel.namelist()
     assert "[pytest11]\nkombu_pg = kombu_pg.testing.pytest_plugin" in entry_points, entry_points
     assert {"kombu_pg/testing/pytest_plugin.py", "celery_ext/testing.py"} <= set(names)
+    # PEP 561: type checkers of the users' code read the packages' hints.
+    assert {"kombu_pg/py.typed", "celery_ext/py.typed"} <= set(names)
     # The README's result backend needs SQLAlchemy: it says so, and the extra it names exists.
     assert "Requires-Dist: sqlalchemy>=2.0; extra == 'results'" in metadata
     readme = (ROOT / "README.md").read_text()

@@ -3,7 +3,7 @@ from pathlib import Path
 
 from kombu_pg.config import options_table
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_readme_options_table_matches_the_code():

@@ -19,7 +19,7 @@ from psycopg import sql
 from conftest import console_script, unique, wait_for
 from test_beat import beat_conf, start_beat
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 FAILING_TASK = '''
 @app.task(bind=True, max_attempts=1)
 def always_fails(self):
