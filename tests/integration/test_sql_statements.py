@@ -20,7 +20,7 @@ from kombu_pg.prepared import PreparedStatement
 from kombu_pg.store import store_for
 from kombu_pg.store.records import NewMessage
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STORE = ROOT / "kombu_pg" / "store"
 #: Statements the server does not prepare: run instead (in a transaction that is rolled back,
 #: except VACUUM, which cannot run in one).
