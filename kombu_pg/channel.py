@@ -160,8 +160,8 @@ class Channel(virtual.Channel):
                 undecodable.append((row, exc))
         if messages:
             counters.add("delivered", queue, len(messages))
-        for row, exc in undecodable:
-            self._bury_undecodable(queue, row, exc)
+        for row, error in undecodable:
+            self._bury_undecodable(queue, row, error)
         return messages
 
     def _bury_undecodable(self, queue, row, exc) -> None:

@@ -13,6 +13,7 @@ from .connections import CONNECTION_ERRORS
 from .messages import Claimed, parse_tag
 
 if TYPE_CHECKING:
+    from .channel import Channel
     from .database import Database
 
 logger = logging.getLogger(__name__)
@@ -32,8 +33,8 @@ class ClaimBuffer:
         self._after_claim = after_claim
         self._callbacks = callbacks
         self._deliver = deliver
-        self._items: collections.deque = collections.deque()  # (queue, message): claimed, not yet delivered
-        self._hot: tuple | None = None  # (channel, queue) whose last claim came back full
+        self._items: collections.deque[tuple[str, dict]] = collections.deque()  # claimed, not yet delivered
+        self._hot: tuple[Channel, str] | None = None  # (channel, queue) whose last claim came back full
         self._ahead: tuple | None = None  # (channel, queue, limit, Pending) of a claim sent ahead
 
     def __bool__(self) -> bool:
@@ -51,7 +52,7 @@ class ClaimBuffer:
         self._claim_ahead()
         return delivered
 
-    def deliver_first(self, channel, queue: str, messages: Claimed) -> int:
+    def deliver_first(self, channel: Channel, queue: str, messages: Claimed) -> int:
         """A claim for a synchronous consumer: deliver its first message, keep the rest."""
         self._hot = (channel, queue)
         self._buffer(queue, messages)
@@ -131,8 +132,9 @@ class ClaimBuffer:
             self._release_unprocessed(list(self._items))
             self._items.clear()
 
-    def _release_unprocessed(self, items) -> None:
-        ids, tokens = [], []
+    def _release_unprocessed(self, items: list[tuple[str, dict]]) -> None:
+        ids: list[int] = []
+        tokens: list[str | None] = []
         for _, message in items:
             message_id, token = parse_tag(message["properties"]["delivery_tag"])
             ids.append(message_id)

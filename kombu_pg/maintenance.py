@@ -93,10 +93,10 @@ class Maintenance:
         """When our next round is due (monotonic), or None if we are not the housekeeper."""
         return self._next_round if self._leader else None
 
-    def consuming(self, transport) -> None:
+    def consuming(self, transport: object) -> None:
         self._consuming.add(transport)
 
-    def stopped(self, transport) -> None:
+    def stopped(self, transport: object) -> None:
         """``transport`` consumes nothing any more: once no transport of this process does, no
         round would come from here."""
         self._consuming.discard(transport)

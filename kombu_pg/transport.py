@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import socket
 from time import monotonic
+from typing import Iterable
 
 import psycopg
 from kombu.transport import virtual
@@ -84,11 +85,11 @@ class Transport(virtual.Transport):
         self.polled_queues = self.wakeups.polled_queues  # the channels' _new_queue fills it
         self.claims = ClaimBuffer(self.db, self._ready, self.wakeups.after_claim, self._callbacks,
                                   self._deliver)
+        self._hub = None  # the worker's event loop, once registered
+        self._timer = None
         self._kick_recv = self._kick_send = None
         self._kicked = False
         self.db.acquire()
-        self._hub = None
-        self._timer = None
 
     @staticmethod
     def check_client(client) -> tuple[config.Options, str]:
@@ -122,7 +123,6 @@ class Transport(virtual.Transport):
         self.db.open_pool()  # connect now, not in the first publish or claim
         return super().establish_connection()
 
-
     def close_connection(self, connection):
         try:
             self.claims.release_all()
@@ -134,10 +134,12 @@ class Transport(virtual.Transport):
             self._unregister()
             self.wakeups.close()
 
+    # -- wake-ups and maintenance -----------------------------------------------------------
+
     def consumed_queues(self) -> set[str]:
         return {queue for channel in self.channels for queue in channel._active_queues}
 
-    def wake(self, queues) -> None:
+    def wake(self, queues: Iterable[str]) -> None:
         self.wakeups.wake(queues)
         self.maintenance.consuming(self)
 

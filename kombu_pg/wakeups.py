@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from time import monotonic, sleep
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import psycopg
 
@@ -48,7 +48,7 @@ class Wakeups:
         self.next_poll = 0.0  # monotonic time of the next safety-net poll
         self._poll_interval = options.polling_interval  # the wait after that poll
 
-    def wake(self, queues) -> None:
+    def wake(self, queues: Iterable[str]) -> None:
         self.ready.update(queues)
         self._due_unknown.update(queues)
         self.activity()
@@ -86,7 +86,7 @@ class Wakeups:
             if self._hub is not None:
                 self._hub.call_later(delay, self.on_due, queue)
 
-    def on_due(self, queue) -> None:
+    def on_due(self, queue: str) -> None:
         if self.due.get(queue, float("inf")) <= monotonic() + 0.001:
             del self.due[queue]
             self.ready.add(queue)
@@ -213,13 +213,13 @@ class Wakeups:
 
     # -- the worker's event loop ------------------------------------------------------------
 
-    def attach(self, hub) -> None:
+    def attach(self, hub: Any) -> None:
         """Timers and the LISTEN socket go to ``hub`` from now on."""
         self._hub = hub
         if self._listens():
             self.reconnect()
 
-    def detach(self, hub) -> None:
+    def detach(self, hub: Any) -> None:
         self._hub = None
         if self.listener is not None and self.listener.conn is not None:
             try:
