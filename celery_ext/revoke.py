@@ -26,7 +26,8 @@ logger = logging.getLogger("kombu_pg")
 MARKABLE = (states.PENDING, states.RECEIVED, states.RETRY, states.REJECTED)
 
 
-def install() -> None:
+def revoke_in_the_database() -> None:
+    """Wrap Control.broadcast (celery_ext.patches)."""
     if getattr(Control.broadcast, "_kombu_pg", False):
         return
     Control.broadcast = _durable_revoke(Control.broadcast)

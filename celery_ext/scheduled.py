@@ -23,7 +23,8 @@ logger = logging.getLogger("kombu_pg")
 LIMIT = 1000
 
 
-def install() -> None:
+def list_delayed_tasks() -> None:
+    """Replace the ``scheduled`` remote control command (celery_ext.patches)."""
     original = control.Panel.data.get("scheduled")
     if original is None or getattr(original, "_kombu_pg", False):
         return
