@@ -11,7 +11,7 @@ import logging
 
 from . import patches
 
-logger = logging.getLogger("kombu_pg")
+logger = logging.getLogger(__name__)
 
 _worker_hook_connected = False
 

@@ -81,7 +81,8 @@ from .beat_leader import Leadership
 
 __all__ = ["Entry", "Scheduler", "definition_of", "next_after"]
 
-# Not __name__: "kombu_pg.beat" is the one log name of beat's modules, which users filter on.
+# Not __name__: beat logs as "kombu_pg.beat", under the "kombu_pg" logger the README documents
+# (users filter on it), one name for all of beat's modules.
 logger = logging.getLogger("kombu_pg.beat")
 
 LEASE_SETTING = "kombu_pg_beat_lease"

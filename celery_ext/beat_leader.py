@@ -18,7 +18,8 @@ from kombu_pg.database import Database
 
 from .beat_entries import iso
 
-# Not __name__: "kombu_pg.beat" is the one log name of beat's modules, which users filter on.
+# Not __name__: beat logs as "kombu_pg.beat", under the "kombu_pg" logger the README documents
+# (users filter on it), one name for all of beat's modules.
 logger = logging.getLogger("kombu_pg.beat")
 
 

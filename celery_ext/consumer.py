@@ -31,6 +31,8 @@ from kombu_pg.transport import Channel, parse_tag
 
 from . import retries, revoke
 
+# Not __name__: the README documents the "kombu_pg" logger for every transition of a message
+# (retried, dead-lettered, ...): users configure and filter on that name.
 logger = logging.getLogger("kombu_pg")
 
 

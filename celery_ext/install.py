@@ -16,7 +16,7 @@ from kombu_pg.transport import MAX_ATTEMPTS_HEADER, UNIQUE_KEY_HEADER, Transport
 
 from . import inflight, metrics, patches, retries, revoke, secrets
 
-logger = logging.getLogger("kombu_pg")
+logger = logging.getLogger(__name__)
 
 TRANSPORT_PATHS = {"kombu_pg.transport:Transport", "kombu_pg.transport.Transport"}
 

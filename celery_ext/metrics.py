@@ -52,7 +52,7 @@ from celery import bootsteps
 
 from . import patches
 
-logger = logging.getLogger("kombu_pg")
+logger = logging.getLogger(__name__)
 
 PORT_SETTING, HOST_SETTING, BUCKETS_SETTING = ("kombu_pg_metrics_port", "kombu_pg_metrics_host",
                                                "kombu_pg_metrics_buckets")

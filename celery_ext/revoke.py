@@ -19,7 +19,7 @@ from celery.worker import state as worker_state
 from kombu_pg import revocation
 from kombu_pg.transport import Channel
 
-logger = logging.getLogger("kombu_pg")
+logger = logging.getLogger(__name__)
 
 #: States a revoke may overwrite, as Celery's worker decides it (celery/worker/control.py):
 #: neither a result nor a state another worker set since it started the task.

@@ -17,7 +17,7 @@ from kombu.serialization import loads, prepare_accept_content
 
 from kombu_pg.transport import Transport
 
-logger = logging.getLogger("kombu_pg")
+logger = logging.getLogger(__name__)
 
 #: Delayed tasks listed per worker, at most (the reply is one message).
 LIMIT = 1000
