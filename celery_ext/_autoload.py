@@ -1,11 +1,12 @@
 """Install the Celery integration into every Celery app whose broker is PostgreSQL.
 
 Imported at interpreter start by ``kombu_pg.pth``; costs nothing until Celery is imported. Once
-``celery._state`` executes, we wrap its ``_register_app`` (see celery_ext.patches) (called by every ``Celery()``) so that
-each new app is checked once its configuration is complete: when it is first read, after every
-layer is in (constructor arguments, ``conf``, ``config_from_object``, ``add_defaults``, Django
-settings), and again when it is reloaded. Two later checks catch a broker URL set after that:
-when the app is finalized (before its tasks read their settings), and when a worker starts.
+``celery._state`` executes, we wrap its ``_register_app`` (called by every ``Celery()``; applied
+by celery_ext.patches, like every patch of Celery) so that each new app is checked once its
+configuration is complete: when it is first read, after every layer is in (constructor
+arguments, ``conf``, ``config_from_object``, ``add_defaults``, Django settings), and again when
+it is reloaded. Two later checks catch a broker URL set after that: when the app is finalized
+(before its tasks read their settings), and when a worker starts.
 """
 import logging
 
@@ -85,8 +86,8 @@ def _on_worker_init(sender=None, **kwargs) -> None:
 def censor_urls(utils_module) -> None:
     """Wrap ``celery.app.utils.filter_hidden_settings``, which ``Settings.table()`` (behind
     humanize, bugreport and inspect conf) looks up at each call, so that censored settings also
-    mask the passwords of URLs in any value, such as the transport option listen_url: whichever
-    app asks, censored settings (celery report, conf.humanize) must not show them."""
+    mask the passwords of URLs in any value, such as the transport option listen_url, whichever
+    app asks."""
     original = utils_module.filter_hidden_settings
     if getattr(original, "_kombu_pg", False):
         return
