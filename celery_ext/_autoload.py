@@ -20,7 +20,7 @@ _worker_hook_connected = False
 def check_every_app(state_module) -> None:
     """Wrap ``celery._state._register_app`` (celery_ext.patches)."""
     register_app = state_module._register_app
-    if getattr(register_app, "_kombu_pg", False):
+    if patches.is_ours(register_app):
         return
 
     def _register_app(app):
@@ -30,7 +30,7 @@ def check_every_app(state_module) -> None:
         if app.configured:  # read before it was registered (a fix-up, a subclass)
             _check(app)
 
-    _register_app._kombu_pg = True
+    patches.mark(_register_app)
     state_module._register_app = _register_app
     state_module.connect_on_app_finalize(_check)
 
@@ -89,7 +89,7 @@ def censor_urls(utils_module) -> None:
     mask the passwords of URLs in any value, such as the transport option listen_url, whichever
     app asks."""
     original = utils_module.filter_hidden_settings
-    if getattr(original, "_kombu_pg", False):
+    if patches.is_ours(original):
         return
 
     def filter_hidden_settings(conf):
@@ -97,7 +97,7 @@ def censor_urls(utils_module) -> None:
 
         return masked(original(conf), "*" * 8)  # Celery's own mask there
 
-    filter_hidden_settings._kombu_pg = True
+    patches.mark(filter_hidden_settings)
     filter_hidden_settings.__doc__ = original.__doc__
     utils_module.filter_hidden_settings = filter_hidden_settings
 

@@ -81,6 +81,9 @@ from .beat_leader import Leadership
 
 __all__ = ["Entry", "Scheduler", "definition_of", "next_after"]
 
+#: The module's Entry, for annotations inside Scheduler (whose class attribute Entry is Celery's hook).
+StoredEntry = Entry
+
 # Not __name__: beat logs as "kombu_pg.beat", under the "kombu_pg" logger the README documents
 # (users filter on it), one name for all of beat's modules.
 logger = logging.getLogger("kombu_pg.beat")
@@ -128,7 +131,7 @@ class Scheduler(beat.Scheduler):
         self._next_prune = 0.0
         self._revision: int | None = None
         self._synced = False
-        self._config_entries: dict[str, Entry] = {}
+        self._config_entries: dict[str, StoredEntry] = {}
         self._next_at: dict[str, dt.datetime | None] = {}
         self._check_at: dict[str, float] = {}  # monotonic: schedules without next_after
         self._retry_at: dict[str, float] = {}  # monotonic: entries whose task could not be sent
@@ -218,7 +221,8 @@ class Scheduler(beat.Scheduler):
     def _send(self, entry, plan: Plan, producer=None):
         """Send one tick once: advance the entry, record the tick and insert the message in one
         transaction. Nothing is sent if another scheduler got there first."""
-        conn = self._conn
+        conn, slot = self._conn, plan.slot
+        assert conn is not None and slot is not None, "only the leader sends, only due ticks"
         result = None
         try:
             with conn.transaction():
@@ -236,7 +240,7 @@ class Scheduler(beat.Scheduler):
         except _Superseded:
             logger.info("beat: not sending %s for %s: it was sent by another scheduler, or the entry "
                         "was paused, changed or removed, or this scheduler no longer leads; reloading",
-                        entry.name, iso(plan.slot))
+                        entry.name, iso(slot))
             self._next_refresh = 0.0  # refresh (leadership and entries) before anything else
             return None
         except beat.SchedulingError as exc:
@@ -254,9 +258,9 @@ class Scheduler(beat.Scheduler):
         missed = f" ({plan.skipped} earlier missed tick(s) not sent)" if plan.skipped else ""
         if plan.publish:
             logger.info("beat: sent %s (%s) scheduled at %s, task id %s%s", entry.name, entry.task,
-                        iso(plan.slot), getattr(result, "id", None), missed)
+                        iso(slot), getattr(result, "id", None), missed)
         else:
-            logger.info("beat: skipped %s scheduled at %s: %s%s", entry.name, iso(plan.slot), plan.why_not,
+            logger.info("beat: skipped %s scheduled at %s: %s%s", entry.name, iso(slot), plan.why_not,
                         missed)
         return result
 
@@ -377,7 +381,7 @@ class Scheduler(beat.Scheduler):
                 f"{e.name}{' (paused)' if e.paused else ''}" for e in entries.values()) or "no entries")
         self._revision = revision
 
-    def _configured_entries(self) -> dict[str, Entry]:
+    def _configured_entries(self) -> dict[str, StoredEntry]:
         """beat_schedule, plus Celery's default entries (as install_default_entries)."""
         conf = self.app.conf
         data = dict(conf.beat_schedule or {})

@@ -40,9 +40,9 @@ class Leadership:
     def connect(self) -> None:
         assert self.db is not None
         given = conninfo_to_dict(self.conninfo)
-        extra = {"keepalives": 1, "keepalives_idle": max(1, int(self.lease / 2)), "keepalives_interval": 1,
+        extra: dict[str, int] = {"keepalives": 1, "keepalives_idle": max(1, int(self.lease / 2)), "keepalives_interval": 1,
                  "keepalives_count": 3}
-        conn = self.db.connect(self.conninfo, role="beat", **{k: v for k, v in extra.items() if k not in given})
+        conn = self.db.connect(self.conninfo, role="beat", **{k: v for k, v in extra.items() if k not in given})  # type: ignore[arg-type]
         # Nothing may outlast the lease: a statement, a lock wait, a transaction left open by a
         # leader that hangs (which would hold an entry's row lock against its successor).
         limit = f"{int(self.lease * 1000)}ms"

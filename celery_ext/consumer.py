@@ -31,7 +31,7 @@ from kombu_pg.messages import delivery
 from kombu_pg.reasons import Reason
 from kombu_pg.transport import Channel, parse_tag
 
-from . import retries, revoke
+from . import patches, retries, revoke
 
 # Not __name__: the README documents the "kombu_pg" logger for every transition of a message
 # (retried, dead-lettered, ...): users configure and filter on that name.
@@ -114,7 +114,7 @@ def _guarded_task_handler(create):
         return guarded_on_task_received
 
     create_task_handler.__name__ = create.__name__
-    create_task_handler._kombu_pg = True
+    patches.mark(create_task_handler)
     return create_task_handler
 
 
@@ -125,7 +125,7 @@ def _before(method, reason):
         return method(self, *args)
 
     wrapper.__name__ = method.__name__
-    wrapper._kombu_pg = True
+    patches.mark(wrapper)
     return wrapper
 
 
@@ -159,7 +159,7 @@ def _guarded_process_task(process):
                 pass
             return None
 
-    _process_task._kombu_pg = True
+    patches.mark(_process_task)
     return _process_task
 
 
@@ -186,7 +186,7 @@ def _request_on_failure(method):
                                                   store_result=self.store_errors)
         return method(self, exc_info, *args, **kwargs)
 
-    on_failure._kombu_pg = True
+    patches.mark(on_failure)
     return on_failure
 
 
@@ -199,7 +199,7 @@ def _request_on_timeout(method):
             _record_failed_attempt(self, TimeLimitExceeded(timeout))
         return method(self, soft, timeout)
 
-    on_timeout._kombu_pg = True
+    patches.mark(on_timeout)
     return on_timeout
 
 
@@ -209,7 +209,7 @@ def _record_failed_attempt(request, exc) -> dict | None:
     message = request.message
     channel = getattr(message, "channel", None)
     if not isinstance(channel, Channel):
-        return
+        return None
     message_id, token = parse_tag(message.delivery_tag)
     queue = delivery(message.delivery_info).get("queue", "")
     try:
@@ -243,7 +243,7 @@ def _exit_on_configuration_error(connect):
             raise WorkerShutdown(1) from None
 
     wrapper.__name__ = connect.__name__
-    wrapper._kombu_pg = True
+    patches.mark(wrapper)
     return wrapper
 
 
@@ -257,26 +257,26 @@ def _wrapping_new_tasks(method):
                 retries.wrap(task)
         return method(self)
 
-    update_strategies._kombu_pg = True
+    patches.mark(update_strategies)
     return update_strategies
 
 
 def exit_on_configuration_error() -> None:
     """Wrap Consumer.connect (celery_ext.patches)."""
-    if not getattr(Consumer.connect, "_kombu_pg", False):
+    if not patches.is_ours(Consumer.connect):
         Consumer.connect = _exit_on_configuration_error(Consumer.connect)
 
 
 def wrap_new_tasks() -> None:
     """Wrap Consumer.update_strategies (celery_ext.patches)."""
-    if not getattr(Consumer.update_strategies, "_kombu_pg", False):
+    if not patches.is_ours(Consumer.update_strategies):
         Consumer.update_strategies = _wrapping_new_tasks(Consumer.update_strategies)
 
 
 def dead_letter_unrunnable_messages() -> None:
     """Wrap the Consumer's handlers of messages it cannot run, its task message handler and the
     worker's hand-over to the pool (celery_ext.patches)."""
-    if getattr(Consumer.on_decode_error, "_kombu_pg", False):
+    if patches.is_ours(Consumer.on_decode_error):
         return
     Consumer.on_decode_error = _before(Consumer.on_decode_error, Reason.undecodable)
     Consumer.on_unknown_task = _before(Consumer.on_unknown_task, Reason.unregistered)
@@ -289,7 +289,7 @@ def dead_letter_unrunnable_messages() -> None:
 
 def record_pool_failures() -> None:
     """Wrap Request.on_failure and on_timeout (celery_ext.patches)."""
-    if getattr(Request.on_failure, "_kombu_pg", False):
+    if patches.is_ours(Request.on_failure):
         return
     Request.on_failure = _request_on_failure(Request.on_failure)
     Request.on_timeout = _request_on_timeout(Request.on_timeout)

@@ -25,6 +25,8 @@ import threading
 from celery.concurrency import thread as thread_pool
 from celery.worker.consumer.consumer import Consumer
 
+from . import patches
+
 logger = logging.getLogger(__name__)
 
 _queued: set[str] = set()  # task ids submitted to a pool that runs them whatever happens
@@ -55,7 +57,7 @@ def _ours(consumer) -> bool:
 
 def keep_deliveries_across_reconnects() -> None:
     """Wrap Consumer.on_connection_error_after_connected and on_close (celery_ext.patches)."""
-    if getattr(Consumer.on_close, "_kombu_pg", False):
+    if patches.is_ours(Consumer.on_close):
         return
     on_connection_lost, on_close = Consumer.on_connection_error_after_connected, Consumer.on_close
 
@@ -77,7 +79,7 @@ def keep_deliveries_across_reconnects() -> None:
             return None
         return on_close(self)
 
-    on_connection_error_after_connected._kombu_pg = keeping_on_close._kombu_pg = True
+    patches.mark(on_connection_error_after_connected, keeping_on_close)
     Consumer.on_connection_error_after_connected = on_connection_error_after_connected
     Consumer.on_close = keeping_on_close
 
@@ -85,7 +87,7 @@ def keep_deliveries_across_reconnects() -> None:
 def track_thread_pool_jobs() -> None:
     """Track what the threads pool was given until each job finishes (celery_ext.patches)."""
     pool_cls = thread_pool.TaskPool
-    if getattr(pool_cls.on_apply, "_kombu_pg", False):
+    if patches.is_ours(pool_cls.on_apply):
         return
     on_apply = pool_cls.on_apply
 
@@ -103,7 +105,7 @@ def track_thread_pool_jobs() -> None:
             result.f.add_done_callback(done)
         return result
 
-    tracked_on_apply._kombu_pg = True
+    patches.mark(tracked_on_apply)
     pool_cls.on_apply = tracked_on_apply
 
 
@@ -119,7 +121,7 @@ def track_green_pool_jobs(module) -> None:
     Applied once the pool's module is imported (celery_ext.patches): importing it needs gevent or
     eventlet, and warns without the monkey patching their workers do first."""
     pool_cls = module.TaskPool
-    if getattr(pool_cls.on_apply, "_kombu_pg", False):
+    if patches.is_ours(pool_cls.on_apply):
         return
     on_apply, add_to_pool_map = pool_cls.on_apply, pool_cls._add_to_pool_map
     submitting: list = []  # the task being submitted: only the consumer's greenlet submits
@@ -144,6 +146,6 @@ def track_green_pool_jobs(module) -> None:
         if task_id:  # gevent calls link(greenlet), eventlet link(greenthread, *curried)
             greenlet.link(lambda _ended, *_: _discard(task_id))
 
-    tracked_on_apply._kombu_pg = tracked_add_to_pool_map._kombu_pg = True
+    patches.mark(tracked_on_apply, tracked_add_to_pool_map)
     pool_cls.on_apply = tracked_on_apply
     pool_cls._add_to_pool_map = tracked_add_to_pool_map

@@ -47,6 +47,7 @@ import functools
 import logging
 import os
 import threading
+from typing import Any
 
 from celery import bootsteps
 
@@ -75,19 +76,19 @@ _active: "Exporter | None" = None
 
 def settings_of(app) -> dict | None:
     """``{"port", "host", "buckets"}``, or None when the exporter is off."""
-    port = os.environ.get(PORT_ENV)
-    if port is None or not port.strip():
-        port = app.conf.get(PORT_SETTING)
-    if port is None or (isinstance(port, str) and not port.strip()):
+    given = os.environ.get(PORT_ENV)
+    if given is None or not given.strip():
+        given = app.conf.get(PORT_SETTING)
+    if given is None or (isinstance(given, str) and not given.strip()):
         return None
     try:
-        port = int(port)
+        port = int(given)
         if not 0 <= port <= 65535:
             raise ValueError
     except (TypeError, ValueError):
         from celery.exceptions import ImproperlyConfigured
 
-        raise ImproperlyConfigured(f"{PORT_ENV} / {PORT_SETTING} must be a port number, got {port!r}") from None
+        raise ImproperlyConfigured(f"{PORT_ENV} / {PORT_SETTING} must be a port number, got {given!r}") from None
     host = os.environ.get(HOST_ENV) or app.conf.get(HOST_SETTING) or DEFAULT_HOST
     buckets = tuple(float(b) for b in (app.conf.get(BUCKETS_SETTING) or DEFAULT_BUCKETS))
     return {"port": port, "host": str(host), "buckets": buckets}
@@ -123,7 +124,7 @@ class Exporter:
         #: Tasks run in other processes (prefork): their failures are counted from results.
         self.pool_forks = pool_forks
         self.server = None
-        self.runtime = None
+        self.runtime: Any = None  # a prometheus_client Histogram once started
 
     def start(self):
         global _active
@@ -205,7 +206,7 @@ def _observing(on_success):
                 logger.exception("kombu-pg: metrics could not observe task %s", getattr(self, "id", None))
         return on_success(self, failed__retval__runtime, **kwargs)
 
-    on_success_observed._kombu_pg_metrics = True
+    patches.mark(on_success_observed)
     return on_success_observed
 
 
@@ -216,17 +217,17 @@ def install_request_hook() -> None:
     from celery.worker import strategy
 
     create_request_cls = strategy.create_request_cls
-    if getattr(create_request_cls, "_kombu_pg_metrics", False):
+    if patches.is_ours(create_request_cls):
         return
 
     @functools.wraps(create_request_cls)
     def create_request_cls_observed(*args, **kwargs):
         cls = create_request_cls(*args, **kwargs)
-        if not getattr(cls.on_success, "_kombu_pg_metrics", False):
+        if not patches.is_ours(cls.on_success):
             cls.on_success = _observing(cls.on_success)
         return cls
 
-    create_request_cls_observed._kombu_pg_metrics = True
+    patches.mark(create_request_cls_observed)
     strategy.create_request_cls = create_request_cls_observed
 
 

@@ -120,6 +120,20 @@ PATCHES: tuple[Patch, ...] = (
 )
 
 
+#: The attribute that marks a function as kombu-pg's wrapper, so that applying twice is a no-op.
+MARK = "_kombu_pg"
+
+
+def mark(*functions: object) -> None:
+    """Mark wrappers as ours (``is_ours`` then tells the owner function it already ran)."""
+    for function in functions:
+        setattr(function, MARK, True)
+
+
+def is_ours(function: object) -> bool:
+    return bool(getattr(function, MARK, False))
+
+
 def resolve(path: str) -> object:
     """The object at ``module:Name.attribute`` or ``module:Name.mapping['key']``."""
     import importlib

@@ -17,6 +17,8 @@ from celery.worker.consumer.mingle import Mingle
 
 from kombu_pg.transport import Transport
 
+from . import patches
+
 #: The app setting that turns gossip on for workers on this broker.
 GOSSIP_SETTING = "kombu_pg_gossip"
 
@@ -25,7 +27,7 @@ def enable_mingle_and_gossip() -> None:
     """Extend Mingle.compatible_transports, wrap Gossip.compatible_transport (celery_ext.patches)."""
     if Transport.driver_type not in Mingle.compatible_transports:
         Mingle.compatible_transports = {*Mingle.compatible_transports, Transport.driver_type}
-    if getattr(Gossip.compatible_transport, "_kombu_pg", False):
+    if patches.is_ours(Gossip.compatible_transport):
         return
     celery_check = Gossip.compatible_transport
 
@@ -36,5 +38,5 @@ def enable_mingle_and_gossip() -> None:
             ours = conn.transport.driver_type == Transport.driver_type
         return ours and bool(app.conf.get(GOSSIP_SETTING, False))
 
-    compatible_transport._kombu_pg = True
+    patches.mark(compatible_transport)
     Gossip.compatible_transport = compatible_transport

@@ -147,7 +147,7 @@ def _fail(task, exc):
 def _dead_letter(task, reason: str, exc: BaseException) -> None:
     delivery = delivery_of(task)
     db = delivery and database_for(task.app)
-    if db:
+    if delivery and db:
         try:
             if db.dead_letter(delivery["id"], delivery["token"], reason, error_of(task, exc)):
                 _mark_dead_lettered(exc, reason)

@@ -20,6 +20,8 @@ from kombu_pg import revocation
 from kombu_pg.messages import delivery
 from kombu_pg.transport import Channel
 
+from . import patches
+
 logger = logging.getLogger(__name__)
 
 #: States a revoke may overwrite, as Celery's worker decides it (celery/worker/control.py):
@@ -29,7 +31,7 @@ MARKABLE = (states.PENDING, states.RECEIVED, states.RETRY, states.REJECTED)
 
 def revoke_in_the_database() -> None:
     """Wrap Control.broadcast (celery_ext.patches)."""
-    if getattr(Control.broadcast, "_kombu_pg", False):
+    if patches.is_ours(Control.broadcast):
         return
     Control.broadcast = _durable_revoke(Control.broadcast)
 
@@ -45,7 +47,7 @@ def _durable_revoke(broadcast):
 
     wrapper.__name__ = broadcast.__name__
     wrapper.__doc__ = broadcast.__doc__
-    wrapper._kombu_pg = True
+    patches.mark(wrapper)
     return wrapper
 
 

@@ -17,6 +17,8 @@ from kombu.serialization import loads, prepare_accept_content
 
 from kombu_pg.transport import Transport
 
+from . import patches
+
 logger = logging.getLogger(__name__)
 
 #: Delayed tasks listed per worker, at most (the reply is one message).
@@ -26,7 +28,7 @@ LIMIT = 1000
 def list_delayed_tasks() -> None:
     """Replace the ``scheduled`` remote control command (celery_ext.patches)."""
     original = control.Panel.data.get("scheduled")
-    if original is None or getattr(original, "_kombu_pg", False):
+    if original is None or patches.is_ours(original):
         return
 
     def scheduled(state, **kwargs):
@@ -41,7 +43,7 @@ def list_delayed_tasks() -> None:
             return held
 
     scheduled.__doc__ = original.__doc__
-    scheduled._kombu_pg = True
+    patches.mark(scheduled)
     # Panel.data is the registry every worker's pidbox dispatches from (and the alias's entry).
     for name, fun in list(control.Panel.data.items()):
         if fun is original:

@@ -107,7 +107,7 @@ class Admin:
                                    **self.options.connection_kwargs(self.conninfo, self.role))
         except psycopg.OperationalError as exc:
             raise psycopg.OperationalError(
-                f"cannot connect to {self.description}: {config.scrub(exc, self.conninfo)}") from None
+                f"cannot connect to {self.description}: {config.scrub(str(exc), self.conninfo)}") from None
         if not pooler.detect(conn, self.store.q):
             self.store.session_setup(conn, **self.options.session_params())
         return conn

@@ -64,6 +64,7 @@ class Listener:
         Reads through libpq directly: psycopg's notifies() would take the connection lock and
         block. Raises psycopg.OperationalError when the connection is gone.
         """
+        assert self.conn is not None, "read() before connect()"
         pgconn = self.conn.pgconn
         pgconn.consume_input()
         woken: dict[str, float] = {}
@@ -79,6 +80,7 @@ class Listener:
 
     def wait(self, timeout: float) -> dict[str, float]:
         """Block up to ``timeout`` seconds for notifications."""
+        assert self.conn is not None, "wait() before connect()"
         readable, _, _ = select.select([self.conn.fileno()], [], [], max(timeout, 0))
         return self.read() if readable else {}
 

@@ -18,9 +18,14 @@ from __future__ import annotations
 import datetime as dt
 import re
 import weakref
+from typing import Any
 
 import psycopg
 from psycopg import errors, generators, pq
+from psycopg.pq import abc as pq_abc
+
+#: Parameter values in text format, None for NULL (libpq takes None; its type stub says bytes).
+Values = list[Any]
 
 from .deadline import watchdog
 from .failover import writable
@@ -59,7 +64,7 @@ class PreparedStatement:
             result = _check(pgconn.exec_prepared(self.name, values), pgconn, encoding)
         return _rows(result, encoding)
 
-    def send(self, conn: psycopg.Connection, params: dict) -> list[bytes | None]:
+    def send(self, conn: psycopg.Connection, params: dict) -> Values:
         """Start running on ``conn``; :meth:`receive` waits for the rows. Nothing else may use
         ``conn`` in between. Returns the values sent, which ``receive`` needs."""
         values = self._values(conn, params)
@@ -70,7 +75,7 @@ class PreparedStatement:
         conn.wait(generators.send(conn.pgconn))
         return values
 
-    def receive(self, conn: psycopg.Connection, values: list[bytes | None]) -> list[tuple]:
+    def receive(self, conn: psycopg.Connection, values: Values) -> list[tuple]:
         """The rows of the statement :meth:`send` started on ``conn`` with ``values``."""
         pgconn, encoding = conn.pgconn, conn.info.encoding
         results = conn.wait(generators.fetch_many(pgconn))
@@ -79,19 +84,21 @@ class PreparedStatement:
         try:
             return _rows(_check(results[0], pgconn, encoding), encoding)
         except errors.InvalidSqlStatementName:
-            self._prepare(conn)
-            return _rows(_check(pgconn.exec_prepared(self.name, values), pgconn, encoding), encoding)
+            name = self._prepare(conn)
+            return _rows(_check(pgconn.exec_prepared(name, values), pgconn, encoding), encoding)
 
-    def _values(self, conn: psycopg.Connection, params: dict) -> list[bytes | None]:
+    def _values(self, conn: psycopg.Connection, params: dict) -> Values:
         if self.name is not None and conn not in self._prepared_on:
             self._prepare(conn)
         encoding = conn.info.encoding
         return [_text(params[name], encoding) for name in self.params]
 
-    def _prepare(self, conn: psycopg.Connection) -> None:
+    def _prepare(self, conn: psycopg.Connection) -> bytes:
+        assert self.name is not None, "a statement without a name is never prepared"
         self._prepared_on.discard(conn)
         _check(conn.pgconn.prepare(self.name, self.text), conn.pgconn, conn.info.encoding)
         self._prepared_on.add(conn)
+        return self.name
 
 
 class Pending:
@@ -121,7 +128,7 @@ class Pending:
         self._pool.putconn(self._conn)  # the pool discards a broken connection
 
 
-def _rows(result: pq.PGresult, encoding: str) -> list[tuple]:
+def _rows(result: pq_abc.PGresult, encoding: str) -> list[tuple]:
     get, columns = result.get_value, range(result.nfields)
     return [tuple([None if value is None else value.decode(encoding)
                    for value in [get(row, col) for col in columns]])
@@ -151,7 +158,7 @@ def _element(value) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _check(result: pq.PGresult, pgconn: pq.PGconn, encoding: str) -> pq.PGresult:
+def _check(result: pq_abc.PGresult, pgconn: pq_abc.PGconn, encoding: str) -> pq_abc.PGresult:
     if result.status in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
         return result
     if pgconn.status == pq.ConnStatus.BAD:  # the connection is gone: the caller may retry

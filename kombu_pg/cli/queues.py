@@ -59,9 +59,9 @@ def task_command(ctx: click.Context, task_id: str, as_json: bool) -> None:
                        + (f" ({error['worker']})" if error.get("worker") else ""))
     for d in found.dead_letters:
         replayed = f", replayed {when(d.replayed_at)}" if d.replayed_at else ""
-        error = f": {d.last_error_type}: {d.last_error}" if d.last_error_type else ""
+        last_error = f": {d.last_error_type}: {d.last_error}" if d.last_error_type else ""
         click.echo(f"  dead letter {d.id} (queue {d.queue!r}): {d.reason} after {d.attempts} "
-                   f"attempt(s), {when(d.dead_lettered_at)}{replayed}{error}")
+                   f"attempt(s), {when(d.dead_lettered_at)}{replayed}{last_error}")
     if found.revoked:
         click.echo(f"  revoked {when(found.revoked.revoked_at)} by {found.revoked.revoked_by or '-'}, "
                    f"kept until {when(found.revoked.expires_at)}")
