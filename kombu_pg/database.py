@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from . import counters, migrate, pooler
+from . import counters, migrate, minute_stats, pooler
 from .deadline import watchdog
 from .failover import ReadOnlyServer, writable
 from .config import ConfigurationError, Options, mask_url, scrub, to_conninfo
@@ -74,6 +74,7 @@ class Database:
         self._unroutable: dict = {}
         self._routing_epoch = 0
         self._listeners = 0  # LISTEN connections of this process that are up
+        minute_stats.watch(self)  # this process's counts, flushed to queue_stats once a minute
 
     # -- connections ------------------------------------------------------------------------
 

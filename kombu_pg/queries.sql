@@ -773,3 +773,53 @@ WHERE c.relname = 'messages'
 -- TRUNCATE false: giving empty pages at the end back to the OS takes an exclusive lock that
 -- would stall claims; the space is reused instead.
 VACUUM (SKIP_LOCKED, TRUNCATE false) {schema}.messages
+
+-- Console (`kombu-pg web`, kombu_pg/web/) and the per-minute counts it reads (kombu_pg/minute_stats.py).
+
+-- name: stats_flush
+-- A process's counter deltas since its last flush, added to the minute they fall in (`lag_s`
+-- seconds ago: the middle of its counting window), in one statement. With `prune`, rows older
+-- than `keep_s` also go (each process asks at most once an hour; the primary key leads with
+-- the minute, so that is a range scan).
+WITH pruned AS (
+    DELETE FROM {schema}.queue_stats
+    WHERE %(prune)s AND minute < now() - %(keep_s)s * interval '1 second'
+)
+INSERT INTO {schema}.queue_stats AS s (minute, queue, event, count)
+SELECT date_trunc('minute', now() - %(lag_s)s * interval '1 second'), d.queue, d.event, d.count
+FROM unnest(%(queues)s::text[], %(events)s::text[], %(counts)s::bigint[]) AS d(queue, event, count)
+ON CONFLICT (minute, queue, event) DO UPDATE SET count = s.count + excluded.count
+
+-- name: console_rates
+-- Counts per minute, queue and event over the last `minutes` minutes (the current one included).
+SELECT minute, queue, event, sum(count)::bigint
+FROM {schema}.queue_stats
+WHERE minute >= date_trunc('minute', now()) - %(minutes)s * interval '1 minute'
+GROUP BY 1, 2, 3
+ORDER BY 1, 2, 3
+
+-- name: console_lease_holders
+-- Who holds leases now: one row per holder ("<worker>[<pid>]", NULL for a lease taken by a
+-- version that did not record it), with its oldest lease's start and its queues. A scan of the
+-- messages table (leased_by and leased_at are unindexed so that claims stay HOT updates).
+SELECT m.leased_by, min(m.leased_at), count(*), array_agg(DISTINCT m.queue ORDER BY m.queue)
+FROM {schema}.messages m
+WHERE NOT {unleased}
+GROUP BY m.leased_by
+ORDER BY m.leased_by NULLS LAST
+
+-- name: console_leases
+-- The leased messages themselves, oldest lease first, at most `limit`.
+SELECT m.id, m.queue, m.task_id, m.task_name, m.leased_by, m.leased_at,
+       coalesce(m.leased_until, m.visible_at), m.delivery_count
+FROM {schema}.messages m
+WHERE NOT {unleased}
+ORDER BY m.leased_at NULLS FIRST, m.id
+LIMIT %(limit)s
+
+-- name: console_dead_letter_tasks
+-- The task names among the dead letters not yet replayed, for the console's filter.
+SELECT DISTINCT task_name FROM {schema}.dead_letters
+WHERE replayed_at IS NULL AND task_name IS NOT NULL
+ORDER BY 1
+LIMIT 200
