@@ -12,6 +12,7 @@ import psycopg
 from . import beat_admin, config, grants
 from . import migrate as migrations
 from .admin import REASONS, Admin, Filter
+from .web import server as web_server
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -390,7 +391,7 @@ def purge_command(ctx, queues, delayed, leased, force, yes):
 
 
 COMMANDS = (migrate, grants_command, stats, dlq, metrics_command, task_command, revoke_command,
-            purge_command, beat_admin.build())
+            purge_command, beat_admin.build(), web_server.command(sys.modules[__name__]))
 for _command in COMMANDS:
     main.add_command(_command)
 
