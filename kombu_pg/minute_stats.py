@@ -92,11 +92,13 @@ class Flusher:
                 db.run(db.q.stats_flush, params)
             except (psycopg.errors.UndefinedTable, psycopg.errors.InsufficientPrivilege,
                     psycopg.errors.InvalidSchemaName) as exc:
-                # Not migrated to 0009 (auto_migrate off), or a role without the grant: these
-                # counts are dropped rather than retried every minute.
+                # Not migrated to 0009 (auto_migrate off), the schema dropped, or a role without
+                # the grant: these counts are dropped rather than retried every minute.
                 self._baseline = snapshot
                 self._log_refusal(f"{type(exc).__name__}: {str(exc).splitlines()[0]} (run `kombu-pg "
-                                  "migrate`, and `kombu-pg grants ROLE` for a least-privilege role)")
+                                  "migrate`, and `kombu-pg grants ROLE` for a least-privilege role)",
+                                  logging.WARNING if isinstance(exc, psycopg.errors.InsufficientPrivilege)
+                                  else logging.INFO)
                 return 0
             except Exception as exc:  # the server is away: kept for the next flush
                 self._log_refusal(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -107,9 +109,9 @@ class Flusher:
                 self._next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
             return len(deltas)
 
-    def _log_refusal(self, error: str) -> None:
+    def _log_refusal(self, error: str, level: int = logging.WARNING) -> None:
         if error != self._refused:
-            logger.warning("kombu_pg: cannot write the per-minute counts: %s", error)
+            logger.log(level, "kombu_pg: cannot write the per-minute counts: %s", error)
         self._refused = error
 
 

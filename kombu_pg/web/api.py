@@ -6,7 +6,7 @@ from flask import Blueprint, current_app, g, jsonify, request
 
 from ..admin import Filter
 from . import params, security
-from .data import Console, to_json
+from .data import Console, NotFound, to_json
 
 blueprint = Blueprint("api", __name__)
 
@@ -37,10 +37,12 @@ def dead_letters():
     return jsonify(to_json(console().dead_letters(filter, after=after, limit=limit)))
 
 
-@blueprint.get("/dead-letters/<int:dead_letter_id>")
-def dead_letter(dead_letter_id: int):
+@blueprint.get("/dead-letters/<dead_letter_id>")
+def dead_letter(dead_letter_id: str):
     _no_params()
-    return jsonify(to_json(console().dead_letter(dead_letter_id)))
+    if not dead_letter_id.isdigit():
+        raise NotFound(f"no dead letter with id {dead_letter_id!r}: ids are whole numbers")
+    return jsonify(to_json(console().dead_letter(int(dead_letter_id))))
 
 
 @blueprint.post("/dead-letters/<action>")

@@ -168,8 +168,7 @@ class Console:
             declare = [kombu.Queue(queue)] if not exchange else []
             producer.publish(body, exchange=exchange if isinstance(exchange, str) else exchange.get("name", ""),
                              routing_key=routing_key, headers=headers, declare=declare,
-                             priority=options.get("priority") or 0, correlation_id=task_id,
-                             content_type="application/json", content_encoding="utf-8", retry=False)
+                             priority=options.get("priority") or 0, correlation_id=task_id, retry=False)
         return task_id
 
     # -- workers and tasks -------------------------------------------------------------------------
