@@ -76,6 +76,7 @@ class Console:
             window = min(RATE_WINDOW_MINUTES, minutes)
             queues.append({
                 "queue": name,
+                "celery_internal": is_celery_internal(name),
                 **{k: counts.get(name, empty)[k] for k in empty},
                 "dead_letters": dead.get(name, {}),
                 "dead_letters_total": sum(dead.get(name, {}).values()),
@@ -198,6 +199,12 @@ class Console:
             raise NotFound(f"task {task_id!r} is not in the broker: acked (done), or never published "
                            "here", data)
         return data
+
+
+def is_celery_internal(queue: str) -> bool:
+    """Celery's remote-control (pidbox) and event queues: not task queues."""
+    return queue.endswith(".pidbox") or queue.startswith(("celeryev.", "celery@")) \
+        or queue.endswith(".reply.celery.pidbox")
 
 
 def to_json(value: Any) -> Any:

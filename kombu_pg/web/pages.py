@@ -53,7 +53,11 @@ def logout():
 
 @blueprint.get("/queues")
 def queues():
-    return render_template("queues.html", data=console().queues(), events=RATE_EVENTS)
+    show_all = request.args.get("all") == "1"
+    data = console().queues()
+    shown = [q for q in data["queues"] if show_all or not q["celery_internal"]]
+    return render_template("queues.html", data=data, shown=shown, hidden=len(data["queues"]) - len(shown),
+                           show_all=show_all, events=RATE_EVENTS)
 
 
 @blueprint.get("/dead-letters")
