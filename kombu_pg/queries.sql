@@ -798,6 +798,10 @@ WHERE minute >= date_trunc('minute', now()) - %(minutes)s * interval '1 minute'
 GROUP BY 1, 2, 3
 ORDER BY 1, 2, 3
 
+-- name: console_minute
+-- The current minute on the server's clock: the last point of the charts.
+SELECT date_trunc('minute', now())
+
 -- name: console_lease_holders
 -- Who holds leases now: one row per holder ("<worker>[<pid>]", NULL for a lease taken by a
 -- version that did not record it), with its oldest lease's start and its queues. A scan of the

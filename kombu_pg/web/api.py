@@ -85,6 +85,7 @@ def beat():
 def beat_action(name: str, action: str):
     if action not in ("pause", "resume", "run"):
         raise params.BadInput(f"unknown action {action!r}: pause, resume or run")
+    result: dict[str, object]
     if action == "run":
         try:
             result = {"task_id": console().run_now(name)}

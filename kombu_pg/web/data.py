@@ -56,7 +56,7 @@ class Console:
         stats = self.admin.stats()
         with self.admin.session() as conn:
             rows = conn.execute(self.admin.q.console_rates, {"minutes": minutes - 1}).fetchall()
-            now = conn.execute("SELECT date_trunc('minute', now())").fetchone()[0]
+            (now,) = conn.execute(self.admin.q.console_minute, {}).fetchone() or (None,)
         minutes_axis = [now - dt.timedelta(minutes=minutes - 1 - i) for i in range(minutes)]
         index = {minute: i for i, minute in enumerate(minutes_axis)}
         series: dict[str, dict[str, list[int]]] = {}

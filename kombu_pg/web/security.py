@@ -56,7 +56,7 @@ class Access:
         return None
 
     def check_token(self, candidate: str) -> bool:
-        return bool(self.token) and _same(candidate, self.token)
+        return self.token is not None and _same(candidate, self.token)
 
     def log_in(self) -> None:
         session.clear()
@@ -74,7 +74,7 @@ def csrf_token() -> str:
 def csrf_ok(request: Request) -> bool:
     expected = session.get("csrf")
     given = request.form.get("csrf_token", "")
-    return bool(expected) and _same(given, expected)
+    return isinstance(expected, str) and bool(expected) and _same(given, expected)
 
 
 def log_action(who: str, request: Request, what: str, count: int | None = None) -> None:
