@@ -58,9 +58,9 @@ class Flusher:
         self._thread: threading.Thread | None = None
         self._refused: str | None = None  # the last error, logged once
 
-    def watch(self, db) -> None:
+    def watch(self, db, *, thread: bool = True) -> None:
         self._db = weakref.ref(db)
-        if self._thread is None:
+        if thread and self._thread is None:
             self._thread = threading.Thread(target=self._run, name="kombu_pg-stats", daemon=True)
             self._thread.start()
 

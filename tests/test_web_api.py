@@ -261,6 +261,23 @@ def test_counts_reach_the_table_once_a_minute_and_only_when_something_was_counte
     assert stats["per_minute"]["published"] == 0.6  # the mean of the last 5 minutes
 
 
+def test_flushes_prune_counts_older_than_a_day(kombu_conn, env):
+    conn = kombu_conn()
+    conn.connect()
+    db = conn.default_channel.db
+    table = sql.SQL("{}.queue_stats").format(sql.Identifier(env.broker_schema))
+    env.db.query(sql.SQL("INSERT INTO {} VALUES (date_trunc('minute', now()) - interval '25 hours', 'old',"
+                         " 'published', 7), (date_trunc('minute', now()) - interval '23 hours', 'recent',"
+                         " 'published', 5)").format(table))
+    flusher = minute_stats.Flusher()  # a process's first flush prunes
+    flusher.watch(db, thread=False)
+    assert flusher.flush() == 0  # nothing counted: no statement at all, so no pruning either
+    counters.add("published", "pruning", 1)
+    assert flusher.flush() == 1
+    left = env.db.query(sql.SQL("SELECT queue, count FROM {} ORDER BY queue").format(table))
+    assert left == [("pruning", 1), ("recent", 5)]
+
+
 def get_json(port: int, path: str, token: str | None = None):
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
                                      headers={"Authorization": f"Bearer {token}"} if token else {})

@@ -111,8 +111,7 @@ def dead_letters_action():
         done = console().purge(filter)
     security.log_action(g.who, request, f"{action} of {described}", done)
     flash(f"{'replayed' if action == 'replay' else 'purged'} {done} dead letter(s) ({described})")
-    return redirect(url_for("pages.dead_letters", **params.filter_args(
-        filter if not filter.ids else Filter())))
+    return redirect(url_for("pages.dead_letters", **({} if filter.ids else params.filter_args(filter))))
 
 
 @blueprint.get("/beat")
