@@ -10,8 +10,9 @@ what it did itself (a prefork pool child too, through its own connection). What 
 unflushed is written when the process exits normally (atexit); a killed process loses at
 most a minute of counts.
 
-A process that uses several databases or schemas flushes into the last one it connected to
-(the counters do not tell them apart).
+A process that uses several databases or schemas flushes into the last one it started using
+(the counters do not tell them apart); what it counted before is written to the previous one
+at the switch, if that one is still open.
 """
 from __future__ import annotations
 
@@ -59,6 +60,14 @@ class Flusher:
         self._refused: str | None = None  # the last error, logged once
 
     def watch(self, db, *, thread: bool = True) -> None:
+        previous = self._db() if self._db else None
+        if previous is not None and previous is not db:
+            # What was counted so far belongs to the database in use until now: written there
+            # if its pool is still open, else dropped (never into the next one).
+            if getattr(previous, "_pool", None) is not None:
+                self.flush()
+            with self._lock:
+                self._baseline, self._window_start = counters.snapshot(), time.time()
         self._db = weakref.ref(db)
         if thread and self._thread is None:
             self._thread = threading.Thread(target=self._run, name="kombu_pg-stats", daemon=True)

@@ -78,6 +78,7 @@ def browser():
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(60)
+    driver.implicitly_wait(10)  # find_element waits for the element of the page being loaded
     try:
         yield driver
     finally:
@@ -107,6 +108,15 @@ def text(driver, css: str) -> str:
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args, **kwargs):
         return None  # a redirect is the answer (urlopen raises HTTPError with its status)
+
+
+def absent(driver, css: str) -> bool:
+    """No such element on the page (checked at once, without the implicit wait)."""
+    driver.implicitly_wait(0)
+    try:
+        return not driver.find_elements(By.CSS_SELECTOR, css)
+    finally:
+        driver.implicitly_wait(10)
 
 
 def post(url: str, data: dict | None = None, json_body: dict | None = None, headers: dict | None = None):
@@ -156,7 +166,7 @@ def test_the_console_in_a_browser(browser, make_app, procs, env):
     assert "/login" in browser.current_url
     browser.find_element(By.ID, "token").send_keys(TOKEN)
     browser.find_element(By.ID, "login").click()
-    assert browser.current_url.endswith("/queues")
+    wait_for(lambda: browser.current_url.endswith("/queues"), 30, what="the queues page after the login")
 
     # Queues: the figures the SQL says.
     row = 'tr[data-queue="backlog"]'
@@ -231,11 +241,12 @@ def test_the_console_in_a_browser(browser, make_app, procs, env):
     browser.get(read_only + "/login")
     browser.find_element(By.ID, "token").send_keys(TOKEN)
     browser.find_element(By.ID, "login").click()
+    wait_for(lambda: "/login" not in browser.current_url, 30, what="the login to complete")
     for path in ("/beat", "/dead-letters", f"/dead-letters/{dead_letters(env)[0]['id']}"):
         browser.get(read_only + path)
         assert browser.find_elements(By.ID, "read-only"), path
-        assert not browser.find_elements(By.CSS_SELECTOR, "form[method=post]"), path
-        assert not browser.find_elements(By.ID, "replay-all") and not browser.find_elements(By.ID, "replay")
+        assert absent(browser, "form[method=post]"), path
+        assert absent(browser, "#replay-all") and absent(browser, "#replay") and absent(browser, "#purge"), path
     before = (dead_letters(env), hb_ticks(env), scalar(env, "SELECT paused FROM {s}.beat_entries WHERE name = 'hb'"))
     assert post(read_only + "/beat/hb/resume", data={"csrf_token": "forged"}) == 403
     assert post(read_only + "/api/beat/hb/resume", json_body={},

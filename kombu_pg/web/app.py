@@ -44,7 +44,8 @@ def create_app(console: Console, access: security.Access = security.Access()) ->
                 if access.user:
                     response.headers["WWW-Authenticate"] = 'Basic realm="kombu-pg"'
                 return response
-            return redirect(url_for("pages.login", next=request.full_path))
+            target = request.full_path if request.query_string else request.path
+            return redirect(url_for("pages.login", next=target))
         if request.method == "POST":
             if is_api:
                 if g.who not in ("token",) and not (g.who or "").startswith("basic:"):

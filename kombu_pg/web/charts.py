@@ -13,7 +13,7 @@ def sparkline(history: dict[str, list[int]], width: int = 240, height: int = 48)
     points = max((len(values) for values in history.values()), default=0)
     step = width / max(points - 1, 1)
     lines = []
-    for event, values in history.items():
+    for event, values in reversed(history.items()):  # the first event drawn last, on top
         coords = " ".join(f"{i * step:.1f},{height - 2 - (v / peak) * (height - 4):.1f}"
                           for i, v in enumerate(values))
         lines.append(f'<polyline fill="none" stroke="{COLOURS.get(event, "#555")}" stroke-width="1.5" '

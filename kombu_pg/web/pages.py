@@ -41,6 +41,7 @@ def login():
             return redirect(target if target.startswith("/") and not target.startswith("//")
                             else url_for("pages.queues"))
         error = "wrong token"
+        security.log_action("anonymous", request, "failed login (wrong token)")
     return render_template("login.html", error=error), 401 if error else 200
 
 

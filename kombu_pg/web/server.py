@@ -51,6 +51,9 @@ def command(cli) -> click.Command:
                 "changes need the " + " or ".join(filter(None, ("token" if token else "", "basic auth" if user else ""))))
         click.echo(f"kombu-pg web: serving http://{_url_host(host)}:{server.effective_port}/ for "
                    f"{console.description} (schema {target.schema}; {mode}); pid {os.getpid()}")
+        if host not in ("127.0.0.1", "::1", "localhost") and not access.protected:
+            click.echo(f"kombu-pg web: warning: listening on {host} without a token or basic auth: "
+                       "anyone who can reach it sees task names, arguments and errors", err=True)
         try:
             server.run()
         except KeyboardInterrupt:
