@@ -224,9 +224,13 @@ def test_the_console_in_a_browser(browser, make_app, procs, env):
         wait_for(lambda: meta(r.id)["status"] == "SUCCESS", 60, what=f"{r.id} to succeed after the replay")
     assert sorted(meta(r.id)["result"] for r in failing) == ["fixed job0", "fixed job1", "fixed job2"]
 
-    # Beat: pause from the page; no tick after that.
+    # Beat: run now (the worker runs it), then pause from the page; no tick after that.
     browser.get(base + "/beat")
-    assert "is now the leader" in beat.log() or text(browser, "#leader").startswith("Leader: ")
+    assert text(browser, "#leader").startswith("Leader: ") and "none" not in text(browser, "#leader")
+    browser.find_element(By.CSS_SELECTOR, 'tr[data-entry="hb"] button.run').click()
+    sent_id = re.search(r"task ([0-9a-f-]{36})", text(browser, "#flash")).group(1)
+    wait_for(lambda: any(r["task_id"] == sent_id for r in env.runs("hb")), 30, what="the task run now to run")
+    browser.get(base + "/beat")
     browser.find_element(By.CSS_SELECTOR, 'tr[data-entry="hb"] button.toggle').click()
     assert "paused hb" in text(browser, "#flash")
     assert text(browser, 'tr[data-entry="hb"] .state') == "paused"

@@ -15,6 +15,7 @@ from .params import BadInput
 
 #: Seconds between reloads of the queues and workers pages (meta refresh).
 REFRESH_SECONDS = 10
+_SESSION_ENDPOINTS = ("pages.login", "pages.logout")
 
 
 def create_app(console: Console, access: security.Access = security.Access()) -> Flask:
@@ -32,12 +33,13 @@ def create_app(console: Console, access: security.Access = security.Access()) ->
     def check_access():
         is_api = request.path.startswith("/api/")
         g.who = access.who(request)
-        if request.method == "POST" and not (request.endpoint == "pages.login" and access.token):
-            if not access.writable:
-                why = ("the console is read-only" if access.read_only else
-                       "the console was started without a token or basic auth: read-only")
-                return _refuse(is_api, 403, why)
-        if access.protected and g.who is None and request.endpoint not in ("pages.login", "static"):
+        # Logging in and out changes nothing in the broker: allowed in read-only mode too.
+        session_only = request.endpoint in _SESSION_ENDPOINTS
+        if request.method == "POST" and not session_only and not access.writable:
+            why = ("the console is read-only" if access.read_only else
+                   "the console was started without a token or basic auth: read-only")
+            return _refuse(is_api, 403, why)
+        if access.protected and g.who is None and not session_only and request.endpoint != "static":
             if is_api or not access.token:
                 response = _refuse(is_api, 401, "authentication required: send the token as "
                                    "'Authorization: Bearer <token>', or basic auth")
@@ -46,13 +48,13 @@ def create_app(console: Console, access: security.Access = security.Access()) ->
                 return response
             target = request.full_path if request.query_string else request.path
             return redirect(url_for("pages.login", next=target))
-        if request.method == "POST":
+        if request.method == "POST" and not session_only:
             if is_api:
-                if g.who not in ("token",) and not (g.who or "").startswith("basic:"):
+                if g.who != "token" and not (g.who or "").startswith("basic:"):
                     return _refuse(True, 401, "API changes need the Authorization header")
                 if not request.is_json:
                     return _refuse(True, 415, "send a JSON body (Content-Type: application/json)")
-            elif request.endpoint != "pages.login" and not security.csrf_ok(request):
+            elif not security.csrf_ok(request):
                 return _refuse(False, 403, "the form's CSRF token is missing or stale: reload the page")
         return None
 
