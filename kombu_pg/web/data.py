@@ -67,7 +67,8 @@ class Console:
         dead: dict[str, dict[str, int]] = {}
         for d in stats["dead_letters"]:
             dead.setdefault(d["queue"], {})[d["reason"]] = d["count"]
-        names = sorted({q["queue"] for q in stats["queues"]} | set(series) | set(dead))
+        # ("" is where a process counts what it cannot attribute to a queue.)
+        names = sorted(({q["queue"] for q in stats["queues"]} | set(series) | set(dead)) - {""})
         counts = {q["queue"]: q for q in stats["queues"]}
         empty = {"ready": 0, "delayed": 0, "leased": 0, "oldest_ready_age_s": None}
         queues = []
