@@ -224,6 +224,13 @@ def test_who_may_change_what(broker, env):
     assert basic.get("/queues", headers={"Authorization": bad}).status_code == 401
     resumed = basic.post("/api/beat/tick/resume", headers={"Authorization": good}, json={})
     assert resumed.status_code == 200 and resumed.json["paused"] is False
+    # The pages' forms under basic auth: the session (cookie) carries the CSRF token.
+    page = basic.get("/beat", headers={"Authorization": good}).data.decode()
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    assert basic.post("/beat/tick/pause", headers={"Authorization": good}, data={}).status_code == 403
+    assert basic.post("/beat/tick/pause", headers={"Authorization": good},
+                      data={"csrf_token": csrf}).status_code == 302
+    assert sql_value(env, "SELECT paused FROM {s}.beat_entries WHERE name = 'tick'") is True
 
 
 def test_the_pages_render_and_mask_the_password(broker, env):
