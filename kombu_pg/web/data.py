@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 
 import kombu
+import psycopg
 from kombu.utils import json as kombu_json
 
 from .. import config
@@ -49,14 +50,19 @@ class Console:
         self.beat_store = BeatStore(schema)
         self.description = self.admin.description  # the masked URL
 
+    def _rows(self, conn: psycopg.Connection, statement: str, **params: Any) -> list[tuple]:
+        """The rows of one of the console's statements (the `-- Console` blocks of queries.sql):
+        the one place this module reaches for SQL."""
+        return conn.execute(getattr(self.admin.q, statement), params).fetchall()
+
     # -- queues ----------------------------------------------------------------------------------
 
     def queues(self, minutes: int = HISTORY_MINUTES) -> dict:
         """Per queue: counts, dead letters by reason, per-minute rates and their last hour."""
         stats = self.admin.stats()
         with self.admin.session() as conn:
-            rows = conn.execute(self.admin.q.console_rates, {"minutes": minutes - 1}).fetchall()
-            (now,) = conn.execute(self.admin.q.console_minute, {}).fetchone() or (None,)
+            rows = self._rows(conn, "console_rates", minutes=minutes - 1)
+            [(now,)] = self._rows(conn, "console_minute")
         minutes_axis = [now - dt.timedelta(minutes=minutes - 1 - i) for i in range(minutes)]
         index = {minute: i for i, minute in enumerate(minutes_axis)}
         series: dict[str, dict[str, list[int]]] = {}
@@ -104,7 +110,7 @@ class Console:
 
     def dead_letter_tasks(self) -> list[str]:
         with self.admin.session() as conn:
-            return [row[0] for row in conn.execute(self.admin.q.console_dead_letter_tasks, {}).fetchall()]
+            return [row[0] for row in self._rows(conn, "console_dead_letter_tasks")]
 
     def count(self, filter: Filter) -> int:
         return self.admin.count(filter)
@@ -146,7 +152,7 @@ class Console:
         """Send the entry's task once, now, as Celery would (protocol 2, JSON), to the queue or
         exchange of its options; the schedule is left as it is. Returns the task id."""
         with self.admin.session() as conn:
-            row = self.beat_store.entry(conn, name)
+            row = next((e for e in self.beat_store.entries(conn) if e.name == name), None)
         if row is None:
             raise NotFound(f"no beat entry named {name!r}")
         if row.from_config:
@@ -177,8 +183,8 @@ class Console:
 
     def workers(self, limit: int = 200) -> dict:
         with self.admin.session() as conn:
-            holders = conn.execute(self.admin.q.console_lease_holders, {}).fetchall()
-            leases = conn.execute(self.admin.q.console_leases, {"limit": limit}).fetchall()
+            holders = self._rows(conn, "console_lease_holders")
+            leases = self._rows(conn, "console_leases", limit=limit)
         result = []
         for leased_by, since, count, queues in holders:
             worker, _, pid = (leased_by or "").rpartition("[")
