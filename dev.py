@@ -2,7 +2,14 @@
 """Run the demo or the tests from a fresh checkout, with nothing but Python 3.11+.
 
     python3 dev.py demo                  # examples/demo.py: a worker, beat and a few tasks
-    python3 dev.py test [pytest args]    # the test suite
+    python3 dev.py test [pytest args]    # the test suite: every ring
+    python3 dev.py test tests/unit       # the unit ring alone: no database, a few seconds
+    python3 dev.py test tests/integration tests/acceptance -x    # any pytest arguments
+
+The tests come in three rings: tests/unit (pure logic), tests/integration (a real
+PostgreSQL, in-process) and tests/acceptance (Celery workers, beat, the CLI and servers of
+their own, as subprocesses). The whole suite is spread over the machine's cores with
+pytest-xdist; the unit ring alone runs in a single process.
 
 The first run creates .venv/ in the repository and installs the project into it
 (editable, with the 'dev' extras); later runs reuse it and reinstall only when
@@ -75,12 +82,25 @@ def run(cmd: list) -> int:
                 child.kill()
 
 
+def unit_only(args: list) -> bool:
+    """Whether the arguments name test paths and all of them lie in the unit ring."""
+    paths = [ROOT / a.split("::")[0] for a in args if not a.startswith("-")]  # pytest runs in ROOT
+    paths = [p.resolve() for p in paths if p.exists()]
+    return bool(paths) and all(p.is_relative_to(ROOT / "tests" / "unit") for p in paths)
+
+
 def parallel(args: list) -> list:
     """Spread the tests over the machine's cores (at most 4: each test process runs its own
-    PostgreSQL server and Celery workers), unless the arguments say otherwise."""
+    PostgreSQL server and Celery workers), unless the arguments say otherwise or name only
+    unit tests (starting the xdist workers would take longer than those tests).
+
+    worksteal: an idle xdist worker takes queued tests from a busy one, so that a few slow
+    acceptance tests do not leave a core idle at the end of the run."""
     if any(a.startswith(("-n", "--numprocesses", "--dist")) or a == "no:xdist" for a in args):
         return []
-    return ["--numprocesses=auto", "--maxprocesses=4"]
+    if unit_only(args):
+        return []
+    return ["--numprocesses=auto", "--maxprocesses=4", "--dist=worksteal"]
 
 
 def main(argv: list) -> int:

@@ -1,23 +1,27 @@
 """Install the Celery integration into every Celery app whose broker is PostgreSQL.
 
 Imported at interpreter start by ``kombu_pg.pth``; costs nothing until Celery is imported. Once
-``celery._state`` executes, we wrap its ``_register_app`` (called by every ``Celery()``) so that
-each new app is checked once its configuration is complete: when it is first read, after every
-layer is in (constructor arguments, ``conf``, ``config_from_object``, ``add_defaults``, Django
-settings), and again when it is reloaded. Two later checks catch a broker URL set after that:
-when the app is finalized (before its tasks read their settings), and when a worker starts.
+``celery._state`` executes, we wrap its ``_register_app`` (called by every ``Celery()``; applied
+by celery_ext.patches, like every patch of Celery) so that each new app is checked once its
+configuration is complete: when it is first read, after every layer is in (constructor
+arguments, ``conf``, ``config_from_object``, ``add_defaults``, Django settings), and again when
+it is reloaded. Two later checks catch a broker URL set after that: when the app is finalized
+(before its tasks read their settings), and when a worker starts.
 """
 import logging
 
-from kombu_pg._autoload import after_import
+from . import patches
 
-logger = logging.getLogger("kombu_pg")
+logger = logging.getLogger(__name__)
 
 _worker_hook_connected = False
 
 
-def _on_celery_state(state_module) -> None:
+def check_every_app(state_module) -> None:
+    """Wrap ``celery._state._register_app`` (celery_ext.patches)."""
     register_app = state_module._register_app
+    if getattr(register_app, "_kombu_pg", False):
+        return
 
     def _register_app(app):
         register_app(app)
@@ -26,6 +30,7 @@ def _on_celery_state(state_module) -> None:
         if app.configured:  # read before it was registered (a fix-up, a subclass)
             _check(app)
 
+    _register_app._kombu_pg = True
     state_module._register_app = _register_app
     state_module.connect_on_app_finalize(_check)
 
@@ -81,7 +86,8 @@ def _on_worker_init(sender=None, **kwargs) -> None:
 def censor_urls(utils_module) -> None:
     """Wrap ``celery.app.utils.filter_hidden_settings``, which ``Settings.table()`` (behind
     humanize, bugreport and inspect conf) looks up at each call, so that censored settings also
-    mask the passwords of URLs in any value, such as the transport option listen_url."""
+    mask the passwords of URLs in any value, such as the transport option listen_url, whichever
+    app asks."""
     original = utils_module.filter_hidden_settings
     if getattr(original, "_kombu_pg", False):
         return
@@ -96,7 +102,4 @@ def censor_urls(utils_module) -> None:
     utils_module.filter_hidden_settings = filter_hidden_settings
 
 
-after_import("celery._state", _on_celery_state)
-# Censored settings (celery report, conf.humanize) must not show passwords of URL-valued
-# options such as listen_url, whichever app asks.
-after_import("celery.app.utils", censor_urls)
+patches.apply(patches.START)

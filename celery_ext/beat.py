@@ -50,15 +50,16 @@ Behind a transaction pooler
     ``pool_mode=transaction``) does not keep: the scheduler's connection goes over the transport
     option ``direct_url``, and without one beat exits at start with a one-line error saying so.
 
+Code: the scheduler is here; its entries and their tick times in ``celery_ext.beat_entries``,
+the leader lease and the session it is bound to in ``celery_ext.beat_leader``.
+
 Settings (app.conf): ``kombu_pg_beat_lease`` (10), ``kombu_pg_beat_refresh`` (1),
 ``kombu_pg_beat_tick_retention`` (seconds ``beat_ticks`` rows are kept, 86400).
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import datetime as dt
-import json
 import logging
 import os
 import socket
@@ -69,16 +70,19 @@ import psycopg
 from celery import beat
 from celery.exceptions import ImproperlyConfigured
 from celery.schedules import crontab, schedstate
-from celery.schedules import schedule as interval
-from kombu.utils.json import dumps as kombu_dumps
-from kombu.utils.json import loads as kombu_loads
-from psycopg.conninfo import conninfo_to_dict
 
 from kombu_pg.atomic import enqueue_in
-from kombu_pg.beat_store import BeatStore, EntryDef, EntryError, EntryRow, check_crontab
-from kombu_pg.config import ConfigurationError, Options, scrub
+from kombu_pg.beat_store import BeatStore
+from kombu_pg.config import ConfigurationError, Options
 from kombu_pg.transport import Transport
 
+from .beat_entries import Entry, Plan, definition_of, entry_from_row, iso, next_after, plan_tick
+from .beat_leader import Leadership
+
+__all__ = ["Entry", "Scheduler", "definition_of", "next_after"]
+
+# Not __name__: beat logs as "kombu_pg.beat", under the "kombu_pg" logger the README documents
+# (users filter on it), one name for all of beat's modules.
 logger = logging.getLogger("kombu_pg.beat")
 
 LEASE_SETTING = "kombu_pg_beat_lease"
@@ -89,64 +93,14 @@ DEFAULT_LEASE, DEFAULT_REFRESH, DEFAULT_RETENTION = 10.0, 1.0, 86400.0
 RETRY_DELAY = 5.0
 #: Seconds between prunings of old beat_ticks rows (by the leader).
 PRUNE_EVERY = 60.0
-#: Most missed crontab ticks walked through to find the latest one.
-MAX_COALESCE = 100_000
 #: A server that accepts no writes (a standby, a primary being demoted in a failover) counts
 #: as a lost connection too: a new one lets libpq pick the read-write host.
 CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.ReadOnlySqlTransaction)
 
 
-class Entry(beat.ScheduleEntry):
-    """A schedule entry with its state in the table."""
-
-    def __init__(self, *args, paused: bool = False, source: str = "config",
-                 resumed_at: dt.datetime | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.paused = paused
-        self.source = source
-        self.resumed_at = resumed_at
-
-
-@dataclasses.dataclass
-class Plan:
-    """What to do about an entry now."""
-
-    #: Scheduled time of the tick to send now, or None if none is due.
-    slot: dt.datetime | None
-    #: The scheduled time after ``slot`` (or the next one, when nothing is due); None if the
-    #: schedule cannot tell it in advance (then Celery's is_due is asked again).
-    next_at: dt.datetime | None
-    skipped: int = 0
-    #: False for a tick scheduled while the entry was paused, or a crontab tick older than
-    #: beat_cron_starting_deadline: the entry is advanced past it, nothing is sent.
-    publish: bool = True
-    why_not: str = ""
-    #: Seconds until to look again, when next_at is None.
-    check_in: float | None = None
-
-
 class _Superseded(Exception):
     """The entry was not where we read it: another scheduler sent the tick, or it was paused,
     edited or removed, or we are no longer the leader. Rolls the transaction back."""
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
-
-
-def next_after(sched, when: dt.datetime) -> dt.datetime | None:
-    """The scheduled time following ``when``, from the schedule alone (no clock involved), so
-    that every process computes the same one. None for schedules that cannot tell (solar,
-    relative intervals, custom classes)."""
-    # In UTC throughout: datetimes sharing a tzinfo compare by wall time, wrong across DST.
-    when = _aware(when).astimezone(dt.timezone.utc)
-    if type(sched) is interval and not sched.relative and sched.run_every.total_seconds() > 0:
-        return when + sched.run_every
-    if isinstance(sched, crontab):
-        start, delta, _now = sched.remaining_delta(when)
-        following = _aware(start + delta).astimezone(dt.timezone.utc)
-        return following if following > when else None
-    return None
 
 
 class Scheduler(beat.Scheduler):
@@ -169,16 +123,11 @@ class Scheduler(beat.Scheduler):
                 f"{LEASE_SETTING} ({self.lease:g})")
         self.schema = (conf.broker_transport_options or {}).get("schema", Options.schema)
         self.store = BeatStore(self.schema)
-        self._db = None  # the transport's kombu_pg.database.Database
-        self._session_conninfo = ""  # where the leader's session connects
-        self._conn: psycopg.Connection | None = None
-        self._leader = False
-        self._lease_deadline = 0.0
+        self.leadership = Leadership(self.identity, self.lease)
         self._next_refresh = 0.0
         self._next_prune = 0.0
         self._revision: int | None = None
         self._synced = False
-        self._seen_leader: str | None = None
         self._config_entries: dict[str, Entry] = {}
         self._next_at: dict[str, dt.datetime | None] = {}
         self._check_at: dict[str, float] = {}  # monotonic: schedules without next_after
@@ -187,6 +136,15 @@ class Scheduler(beat.Scheduler):
         self._busy = False
         self._closed = False
         super().__init__(app, *args, **kwargs)
+
+    @property
+    def _leader(self) -> bool:
+        return self.leadership.leads
+
+    @property
+    def _conn(self) -> psycopg.Connection | None:
+        """The leader election's session: ticks are sent in its transactions."""
+        return self.leadership.conn
 
     # -- Celery's Scheduler interface -------------------------------------------------------
 
@@ -198,12 +156,13 @@ class Scheduler(beat.Scheduler):
                 f"not {type(connection.transport).__module__}")
         self._ensure_connected()  # migrates the schema, as any client of the transport
         transport = connection.transport
-        self._db = transport.db
+        leadership = self.leadership
+        leadership.db = transport.db
         if transport.options.schema != self.schema:
             self.schema = transport.options.schema
             self.store = BeatStore(self.schema)
         try:
-            self._session_conninfo = self._db.session_conninfo("celery beat -S kombu_pg (leader election)")
+            leadership.conninfo = transport.db.session_conninfo("celery beat -S kombu_pg (leader election)")
         except ConfigurationError as exc:  # one line and exit, as a worker does
             logger.critical("kombu-pg: cannot use the broker: %s", exc)
             raise SystemExit(1) from None
@@ -231,7 +190,7 @@ class Scheduler(beat.Scheduler):
         except psycopg.Error as exc:
             if self._closed:
                 raise SystemExit() from None
-            logger.error("beat: database error: %s", self._scrub(exc))
+            logger.error("beat: database error: %s", self.leadership.scrub(exc))
             self._next_refresh = 0.0
             return self.refresh
         finally:
@@ -277,7 +236,7 @@ class Scheduler(beat.Scheduler):
         except _Superseded:
             logger.info("beat: not sending %s for %s: it was sent by another scheduler, or the entry "
                         "was paused, changed or removed, or this scheduler no longer leads; reloading",
-                        entry.name, _iso(plan.slot))
+                        entry.name, iso(plan.slot))
             self._next_refresh = 0.0  # refresh (leadership and entries) before anything else
             return None
         except beat.SchedulingError as exc:
@@ -295,9 +254,9 @@ class Scheduler(beat.Scheduler):
         missed = f" ({plan.skipped} earlier missed tick(s) not sent)" if plan.skipped else ""
         if plan.publish:
             logger.info("beat: sent %s (%s) scheduled at %s, task id %s%s", entry.name, entry.task,
-                        _iso(plan.slot), getattr(result, "id", None), missed)
+                        iso(plan.slot), getattr(result, "id", None), missed)
         else:
-            logger.info("beat: skipped %s scheduled at %s: %s%s", entry.name, _iso(plan.slot), plan.why_not,
+            logger.info("beat: skipped %s scheduled at %s: %s%s", entry.name, iso(plan.slot), plan.why_not,
                         missed)
         return result
 
@@ -320,7 +279,7 @@ class Scheduler(beat.Scheduler):
     # -- one pass ---------------------------------------------------------------------------
 
     def _tick(self) -> float:
-        if monotonic() >= self._next_refresh or (self._leader and monotonic() >= self._lease_deadline):
+        if monotonic() >= self._next_refresh or (self._leader and monotonic() >= self.leadership.deadline):
             self._next_refresh = monotonic() + self.refresh
             self._refresh()
         if not self._leader:
@@ -338,7 +297,7 @@ class Scheduler(beat.Scheduler):
             due = self._next_at.get(name)
             if due is not None and due > now:
                 continue
-            if monotonic() >= self._lease_deadline or self._next_refresh == 0.0:
+            if monotonic() >= self.leadership.deadline or self._next_refresh == 0.0:
                 return 0.0  # renew the lease (or reload) first
             try:
                 plan = self._plan(entry, now)
@@ -364,7 +323,7 @@ class Scheduler(beat.Scheduler):
 
     def _sleep_time(self) -> float:
         now, mono = self.app.now(), monotonic()
-        wait = min(self._next_refresh - mono, self._lease_deadline - mono, float(self.max_interval))
+        wait = min(self._next_refresh - mono, self.leadership.deadline - mono, float(self.max_interval))
         for entry in self.data.values():
             name = entry.name
             if entry.paused:
@@ -378,38 +337,7 @@ class Scheduler(beat.Scheduler):
         return max(wait, 0.0)
 
     def _plan(self, entry, now: dt.datetime) -> Plan:
-        sched, last = entry.schedule, _aware(entry.last_run_at).astimezone(dt.timezone.utc)
-        now = _aware(now).astimezone(dt.timezone.utc)
-        first = next_after(sched, last)
-        if first is None:
-            # A schedule that cannot tell its times in advance: ask it, and key the tick by the
-            # current millisecond (the compare-and-set still makes it once only).
-            due, check_in = sched.is_due(last)
-            if not due:
-                return Plan(None, None, check_in=max(float(check_in), 0.0))
-            slot = max(now.replace(microsecond=now.microsecond // 1000 * 1000), last + dt.timedelta(milliseconds=1))
-            return Plan(slot, None, check_in=max(float(check_in), 0.0))
-        if first > now:
-            return Plan(None, first)
-        if type(sched) is interval:
-            periods = (now - last) // sched.run_every
-            slot = last + periods * sched.run_every
-            skipped = periods - 1
-        else:
-            slot, skipped = first, 0
-            while skipped < MAX_COALESCE:
-                following = next_after(sched, slot)
-                if following is None or following > now:
-                    break
-                slot, skipped = following, skipped + 1
-        publish, why_not = True, ""
-        deadline = self.app.conf.beat_cron_starting_deadline
-        resumed_at = getattr(entry, "resumed_at", None)
-        if resumed_at is not None and slot < resumed_at:
-            publish, why_not = False, "it was paused then"
-        elif isinstance(sched, crontab) and deadline is not None and (now - slot).total_seconds() > deadline:
-            publish, why_not = False, "older than beat_cron_starting_deadline"
-        return Plan(slot, next_after(sched, slot), skipped=skipped, publish=publish, why_not=why_not)
+        return plan_tick(entry, now, self.app.conf.beat_cron_starting_deadline)
 
     def _publishable(self, entry):
         """A copy to send: no publish retries by Kombu, which could not help inside our
@@ -423,36 +351,18 @@ class Scheduler(beat.Scheduler):
     def _refresh(self) -> None:
         started = monotonic()
         if self._conn is None:
-            self._connect()
+            self.leadership.connect()
         if not self._synced:
             self._sync_config()
-        row = self.store.leader(self._conn)
-        until = self.store.lead(self._conn, self.identity, self.lease) if row.free_for(self.identity) else None
-        was_leader, self._leader = self._leader, until is not None
-        if self._leader:
-            # Measured from before the statement: the server's lease ends later than this.
-            self._lease_deadline = started + self.lease - min(1.0, self.lease / 10)
-            if not was_leader:
-                previous = f" (took over from {row.holder})" if row.holder and row.holder != self.identity else ""
-                logger.info("beat: %s is now the leader for schema %s%s", self.identity, self.schema, previous)
-                self._seen_leader = self.identity
-                self._load(row.revision)  # the last leader moved the entries on: read them afresh
-                return
-        elif was_leader:
-            logger.warning("beat: %s lost the leadership to %s: not sending", self.identity, row.holder)
-            self._seen_leader = row.holder
-        elif row.holder != self._seen_leader:
-            self._seen_leader = row.holder
-            logger.info("beat: standby: %s leads schema %s (lease until %s)", row.holder or "nobody",
-                        self.schema, _iso(row.leader_until) if row.leader_until else "-")
-        if row.revision != self._revision:
-            self._load(row.revision)
+        row, elected = self.leadership.elect(self.store, self.schema, started)
+        if elected or row.revision != self._revision:
+            self._load(row.revision)  # elected: the last leader moved the entries on, read them afresh
 
     def _load(self, revision: int) -> None:
         entries = {}
         for row in self.store.entries(self._conn):
             try:
-                entries[row.name] = self._entry_from_row(row)
+                entries[row.name] = entry_from_row(self.Entry, self.app, row, self._config_entries)
                 self._load_errors.pop(row.name, None)
             except Exception as exc:  # one broken entry must not stop the others
                 message = f"{type(exc).__name__}: {exc}"
@@ -466,21 +376,6 @@ class Scheduler(beat.Scheduler):
             logger.info("beat: schedule loaded (revision %s): %s", revision, ", ".join(
                 f"{e.name}{' (paused)' if e.paused else ''}" for e in entries.values()) or "no entries")
         self._revision = revision
-
-    def _entry_from_row(self, row: EntryRow) -> Entry:
-        state = dict(name=row.name, last_run_at=row.last_run_at, total_run_count=row.total_run_count,
-                     app=self.app, paused=row.paused, source=row.source, resumed_at=row.resumed_at)
-        if row.from_config:
-            local = self._config_entries.get(row.name)
-            if local is None:
-                raise EntryError("its definition is only in another beat process's beat_schedule "
-                                 "(it cannot be stored in the table), not in this one's")
-            return self.Entry(task=local.task, schedule=local.schedule, args=local.args, kwargs=local.kwargs,
-                              options=local.options, **state)
-        sched = (interval(dt.timedelta(seconds=row.every)) if row.every is not None
-                 else crontab.from_string(row.crontab))
-        return self.Entry(task=row.task, schedule=sched, args=kombu_loads(row.args), kwargs=kombu_loads(row.kwargs),
-                          options=kombu_loads(row.options), **state)
 
     def _configured_entries(self) -> dict[str, Entry]:
         """beat_schedule, plus Celery's default entries (as install_default_entries)."""
@@ -501,88 +396,9 @@ class Scheduler(beat.Scheduler):
 
     # -- the connection ---------------------------------------------------------------------
 
-    def _connect(self) -> None:
-        given = conninfo_to_dict(self._session_conninfo)
-        extra = {"keepalives": 1, "keepalives_idle": max(1, int(self.lease / 2)), "keepalives_interval": 1,
-                 "keepalives_count": 3}
-        conn = self._db.connect(self._session_conninfo, role="beat",
-                                **{k: v for k, v in extra.items() if k not in given})
-        # Nothing may outlast the lease: a statement, a lock wait, a transaction left open by a
-        # leader that hangs (which would hold an entry's row lock against its successor).
-        limit = f"{int(self.lease * 1000)}ms"
-        conn.execute("SELECT set_config('statement_timeout', %s, false), set_config('lock_timeout', %s, false),"
-                     " set_config('idle_in_transaction_session_timeout', %s, false)", (limit, limit, limit))
-        self._conn = conn
-
     def _drop_connection(self, exc: BaseException) -> None:
-        if self._leader:
-            logger.warning("beat: %s lost its database session (%s): not sending until it leads again",
-                           self.identity, self._scrub(exc))
-        else:
-            logger.warning("beat: database connection lost (%s): trying again in %gs", self._scrub(exc), self.refresh)
-        self._leader = False
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # already broken
-                pass
+        self.leadership.drop(exc, retry_in=self.refresh)
         self._next_refresh = monotonic() + self.refresh
 
     def _release(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        try:
-            if self._leader and not conn.closed and self.store.resign(conn, self.identity):
-                logger.info("beat: %s resigned the leadership", self.identity)
-        except Exception as exc:  # the session ends anyway: standbys notice
-            logger.debug("beat: could not resign: %s", exc)
-        finally:
-            self._leader = False
-            try:
-                conn.close()
-            except Exception:
-                pass
-
-    def _scrub(self, exc: BaseException) -> str:
-        text = scrub(str(exc), self._session_conninfo or None)
-        return scrub(text, self._db.conninfo if self._db else None)
-
-
-def definition_of(entry: beat.ScheduleEntry) -> EntryDef:
-    """How a configured entry is stored: its schedule as seconds or a crontab line, its
-    arguments and options as Kombu JSON; what cannot be is marked ``from_config``."""
-    sched = entry.schedule
-    every = cron = None
-    from_config = False
-    if type(sched) is interval and not sched.relative and sched.nowfun is None and sched.run_every.total_seconds() > 0:
-        every = sched.run_every.total_seconds()
-    elif type(sched) is crontab and set(sched._orig_kwargs) <= {"app"}:
-        fields = (sched._orig_minute, sched._orig_hour, sched._orig_day_of_month,
-                  sched._orig_month_of_year, sched._orig_day_of_week)
-        try:
-            if not all(isinstance(f, (str, int)) for f in fields):
-                raise EntryError("not plain fields")
-            cron = check_crontab(" ".join(str(f) for f in fields))
-        except EntryError:
-            from_config = True
-    else:
-        from_config = True
-    try:
-        args = kombu_dumps(list(entry.args or ()))
-        kwargs = kombu_dumps(dict(entry.kwargs or {}))
-        options = kombu_dumps(dict(entry.options or {}))
-    except (TypeError, ValueError):
-        from_config = True
-        args = json.dumps([repr(a) for a in entry.args or ()])
-        kwargs = json.dumps({str(k): repr(v) for k, v in (entry.kwargs or {}).items()})
-        options = json.dumps({str(k): repr(v) for k, v in (entry.options or {}).items()})
-    text = (f"every {every:g}s" if every is not None and not from_config
-            else f"crontab({cron})" if cron is not None and not from_config else repr(sched))
-    return EntryDef(name=entry.name, task=entry.task, every=every, crontab=cron, args=args, kwargs=kwargs,
-                    options=options, from_config=from_config, schedule_text=text)
-
-
-def _iso(value: dt.datetime) -> str:
-    return _aware(value).astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        self.leadership.release(self.store)

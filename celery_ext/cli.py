@@ -22,8 +22,8 @@ def pg(ctx):
     if not isinstance(url, str) or url.partition("://")[0].partition("+")[0].lower() not in config.SCHEMES:
         raise click.UsageError(f"this app's broker is not PostgreSQL ({config.mask_url(str(url))})")
     schema = (app.conf.broker_transport_options or {}).get("schema", config.Options.schema)
-    ctx.meta["kombu_pg.target"] = pg_cli.Target(url, schema)
-    ctx.meta["kombu_pg.mark_revoked"] = functools.partial(revoke.mark_revoked, app)
+    pg_cli.use_app_broker(ctx, pg_cli.AppBroker(pg_cli.Target(url, schema),
+                                                functools.partial(revoke.mark_revoked, app)))
 
 
 for _command in pg_cli.COMMANDS:

@@ -31,6 +31,8 @@ from kombu_pg.transport import Channel, parse_tag
 
 from . import retries, revoke
 
+# Not __name__: the README documents the "kombu_pg" logger for every transition of a message
+# (retried, dead-lettered, ...): users configure and filter on that name.
 logger = logging.getLogger("kombu_pg")
 
 
@@ -257,11 +259,23 @@ def _wrapping_new_tasks(method):
     return update_strategies
 
 
-def install() -> None:
+def exit_on_configuration_error() -> None:
+    """Wrap Consumer.connect (celery_ext.patches)."""
+    if not getattr(Consumer.connect, "_kombu_pg", False):
+        Consumer.connect = _exit_on_configuration_error(Consumer.connect)
+
+
+def wrap_new_tasks() -> None:
+    """Wrap Consumer.update_strategies (celery_ext.patches)."""
+    if not getattr(Consumer.update_strategies, "_kombu_pg", False):
+        Consumer.update_strategies = _wrapping_new_tasks(Consumer.update_strategies)
+
+
+def dead_letter_unrunnable_messages() -> None:
+    """Wrap the Consumer's handlers of messages it cannot run, its task message handler and the
+    worker's hand-over to the pool (celery_ext.patches)."""
     if getattr(Consumer.on_decode_error, "_kombu_pg", False):
         return
-    Consumer.connect = _exit_on_configuration_error(Consumer.connect)
-    Consumer.update_strategies = _wrapping_new_tasks(Consumer.update_strategies)
     Consumer.on_decode_error = _before(Consumer.on_decode_error, "undecodable")
     Consumer.on_unknown_task = _before(Consumer.on_unknown_task, "unregistered")
     # Neither can become a task request: one reason for every message Celery cannot read.
@@ -269,5 +283,11 @@ def install() -> None:
     Consumer.on_invalid_task = _before(Consumer.on_invalid_task, "undecodable")
     Consumer.create_task_handler = _guarded_task_handler(Consumer.create_task_handler)
     WorkController._process_task = _guarded_process_task(WorkController._process_task)
+
+
+def record_pool_failures() -> None:
+    """Wrap Request.on_failure and on_timeout (celery_ext.patches)."""
+    if getattr(Request.on_failure, "_kombu_pg", False):
+        return
     Request.on_failure = _request_on_failure(Request.on_failure)
     Request.on_timeout = _request_on_timeout(Request.on_timeout)

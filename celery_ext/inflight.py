@@ -25,8 +25,6 @@ import threading
 from celery.concurrency import thread as thread_pool
 from celery.worker.consumer.consumer import Consumer
 
-from kombu_pg._autoload import after_import
-
 logger = logging.getLogger(__name__)
 
 _queued: set[str] = set()  # task ids submitted to a pool that runs them whatever happens
@@ -51,20 +49,12 @@ def probe(message) -> bool:
                for request in list(state.active_requests))
 
 
-def install() -> None:
-    _keep_deliveries_across_reconnects()
-    _track_thread_pool_jobs()
-    # Patched once imported: importing them needs gevent or eventlet (and warns without the
-    # monkey patching their workers do first).
-    for module in ("celery.concurrency.gevent", "celery.concurrency.eventlet"):
-        after_import(module, _track_green_pool_jobs)
-
-
 def _ours(consumer) -> bool:
     return getattr(consumer.app, "_kombu_pg_installed", False)
 
 
-def _keep_deliveries_across_reconnects() -> None:
+def keep_deliveries_across_reconnects() -> None:
+    """Wrap Consumer.on_connection_error_after_connected and on_close (celery_ext.patches)."""
     if getattr(Consumer.on_close, "_kombu_pg", False):
         return
     on_connection_lost, on_close = Consumer.on_connection_error_after_connected, Consumer.on_close
@@ -92,8 +82,8 @@ def _keep_deliveries_across_reconnects() -> None:
     Consumer.on_close = keeping_on_close
 
 
-def _track_thread_pool_jobs() -> None:
-    """Track what the threads pool was given until each job finishes."""
+def track_thread_pool_jobs() -> None:
+    """Track what the threads pool was given until each job finishes (celery_ext.patches)."""
     pool_cls = thread_pool.TaskPool
     if getattr(pool_cls.on_apply, "_kombu_pg", False):
         return
@@ -122,10 +112,12 @@ def _discard(task_id) -> None:
         _queued.discard(task_id)
 
 
-def _track_green_pool_jobs(module) -> None:
+def track_green_pool_jobs(module) -> None:
     """gevent and eventlet pools: a job is a greenlet, spawned by the consumer (which waits in
     the spawn while the pool is full) and started at the next switch. Track it from submission
-    until its greenlet ends, however it ends: links also run for one killed before it started."""
+    until its greenlet ends, however it ends: links also run for one killed before it started.
+    Applied once the pool's module is imported (celery_ext.patches): importing it needs gevent or
+    eventlet, and warns without the monkey patching their workers do first."""
     pool_cls = module.TaskPool
     if getattr(pool_cls.on_apply, "_kombu_pg", False):
         return
@@ -152,6 +144,6 @@ def _track_green_pool_jobs(module) -> None:
         if task_id:  # gevent calls link(greenlet), eventlet link(greenthread, *curried)
             greenlet.link(lambda _ended, *_: _discard(task_id))
 
-    tracked_on_apply._kombu_pg = True
+    tracked_on_apply._kombu_pg = tracked_add_to_pool_map._kombu_pg = True
     pool_cls.on_apply = tracked_on_apply
     pool_cls._add_to_pool_map = tracked_add_to_pool_map

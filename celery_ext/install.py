@@ -14,9 +14,9 @@ from kombu_pg import config
 from kombu_pg.config import SCHEMES
 from kombu_pg.transport import MAX_ATTEMPTS_HEADER, UNIQUE_KEY_HEADER, Transport
 
-from . import consumer, inflight, metrics, peers, retries, revoke, scheduled, secrets
+from . import inflight, metrics, patches, retries, revoke, secrets
 
-logger = logging.getLogger("kombu_pg")
+logger = logging.getLogger(__name__)
 
 TRANSPORT_PATHS = {"kombu_pg.transport:Transport", "kombu_pg.transport.Transport"}
 
@@ -63,11 +63,7 @@ def install(app) -> None:
     Transport.in_progress = inflight.probe
     Transport.on_tasks_expired = functools.partial(_revoke_expired, weakref.ref(app))
     Transport.on_tasks_revoked = revoke.marker(app)
-    inflight.install()
-    consumer.install()
-    revoke.install()  # app.control.revoke also revokes in the database
-    scheduled.install()  # celery inspect scheduled lists the table's delayed tasks
-    peers.install()  # mingle on; gossip when the app asks for it
+    patches.apply(patches.INSTALL)  # Celery's worker, control and pools: see the table there
     signals.before_task_publish.connect(_publish_headers, weak=False, dispatch_uid="kombu_pg.publish")
     signals.worker_init.connect(_name_worker, weak=False, dispatch_uid="kombu_pg.name_worker")
     signals.worker_process_init.connect(_name_child, weak=False, dispatch_uid="kombu_pg.name_child")

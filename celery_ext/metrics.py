@@ -50,7 +50,9 @@ import threading
 
 from celery import bootsteps
 
-logger = logging.getLogger("kombu_pg")
+from . import patches
+
+logger = logging.getLogger(__name__)
 
 PORT_SETTING, HOST_SETTING, BUCKETS_SETTING = ("kombu_pg_metrics_port", "kombu_pg_metrics_host",
                                                "kombu_pg_metrics_buckets")
@@ -208,7 +210,9 @@ def _observing(on_success):
 
 
 def install_request_hook() -> None:
-    """Wrap ``on_success`` of the Request classes the worker's default strategy creates."""
+    """Wrap ``on_success`` of the Request classes the worker's default strategy creates
+    (celery_ext.patches: applied when the exporter starts, before the consumer builds its task
+    strategies)."""
     from celery.worker import strategy
 
     create_request_cls = strategy.create_request_cls
@@ -248,7 +252,7 @@ class WorkerMetrics(bootsteps.StartStopStep):
             raise ImproperlyConfigured(
                 f"{PORT_ENV} / {PORT_SETTING} is set but prometheus-client is not installed: "
                 "pip install 'kombu-pg[metrics]'") from None
-        install_request_hook()  # before the consumer builds its task strategies
+        patches.apply(patches.WORKER_METRICS)  # before the consumer builds its task strategies
         return Exporter(parent.app, buckets=self.settings["buckets"], port=self.settings["port"],
                         host=self.settings["host"], pool_forks=_pool_forks(parent.pool))
 

@@ -21,7 +21,8 @@ from kombu_pg.transport import Transport
 GOSSIP_SETTING = "kombu_pg_gossip"
 
 
-def install() -> None:
+def enable_mingle_and_gossip() -> None:
+    """Extend Mingle.compatible_transports, wrap Gossip.compatible_transport (celery_ext.patches)."""
     if Transport.driver_type not in Mingle.compatible_transports:
         Mingle.compatible_transports = {*Mingle.compatible_transports, Transport.driver_type}
     if getattr(Gossip.compatible_transport, "_kombu_pg", False):

@@ -19,6 +19,8 @@ from celery.exceptions import Ignore, MaxRetriesExceededError, Reject, Retry
 from kombu_pg.database import error_entry
 from kombu_pg.transport import Transport
 
+# Not __name__: the README documents the "kombu_pg" logger for every transition of a message
+# (retried, dead-lettered, ...): users configure and filter on that name.
 logger = logging.getLogger("kombu_pg")
 
 #: Exceptions that steer Celery rather than report a failure.

@@ -19,14 +19,15 @@ from celery.worker import state as worker_state
 from kombu_pg import revocation
 from kombu_pg.transport import Channel
 
-logger = logging.getLogger("kombu_pg")
+logger = logging.getLogger(__name__)
 
 #: States a revoke may overwrite, as Celery's worker decides it (celery/worker/control.py):
 #: neither a result nor a state another worker set since it started the task.
 MARKABLE = (states.PENDING, states.RECEIVED, states.RETRY, states.REJECTED)
 
 
-def install() -> None:
+def revoke_in_the_database() -> None:
+    """Wrap Control.broadcast (celery_ext.patches)."""
     if getattr(Control.broadcast, "_kombu_pg", False):
         return
     Control.broadcast = _durable_revoke(Control.broadcast)

@@ -17,13 +17,14 @@ from kombu.serialization import loads, prepare_accept_content
 
 from kombu_pg.transport import Transport
 
-logger = logging.getLogger("kombu_pg")
+logger = logging.getLogger(__name__)
 
 #: Delayed tasks listed per worker, at most (the reply is one message).
 LIMIT = 1000
 
 
-def install() -> None:
+def list_delayed_tasks() -> None:
+    """Replace the ``scheduled`` remote control command (celery_ext.patches)."""
     original = control.Panel.data.get("scheduled")
     if original is None or getattr(original, "_kombu_pg", False):
         return

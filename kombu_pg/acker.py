@@ -16,6 +16,9 @@ from __future__ import annotations
 import logging
 import threading
 
+from . import counters
+from .store import store_for
+
 logger = logging.getLogger(__name__)
 
 LINGER_SECONDS = 0.005
@@ -85,12 +88,10 @@ class Acker:
                 pause = min(pause * 2, MAX_RETRY_SECONDS)
 
     def _delete(self, batch) -> bool:
-        from . import counters
-
         ids = [m for m, _, _ in batch]
         try:
-            deleted = self.db.run(self.db.q.ack, {"ids": ids, "tokens": [t for _, t, _ in batch]},
-                                  fetch=True)
+            # On a pooled connection, retried on a fresh one if it broke (Database.run).
+            deleted = store_for(self.db.options.schema).ack(self.db, ids=ids, tokens=[t for _, t, _ in batch])
         except Exception as exc:
             logger.warning("kombu_pg: %d ack(s) could not be written (%s): trying again; their "
                            "leases stay renewed meanwhile", len(batch), " ".join(str(exc).split()))
@@ -98,6 +99,6 @@ class Acker:
         self.db.leases.forget(ids)
         # Only rows really deleted: after a server-side retry or a dead letter, Celery's ack of
         # the same delivery finds no lease and changes nothing.
-        for (queue,) in deleted:
+        for queue in deleted:
             counters.add("acked", queue)
         return True

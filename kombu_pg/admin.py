@@ -15,14 +15,15 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-import re
 from typing import Callable, Iterator
 
 import psycopg
 
 from . import config, counters, pooler, revocation
 from . import migrate as migrations
-from .queries import for_schema
+from .store import store_for
+from .store.records import (DeadLetterSummary, Filter, QueueCount, Revocation,  # noqa: F401 (API)
+                            TaskMessage)
 
 logger = logging.getLogger(__name__)
 
@@ -38,40 +39,6 @@ _MISSING_OBJECT = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn
 
 class SchemaNotReady(config.ConfigurationError):
     """The schema has no broker tables (a mistyped name, or never migrated) or lacks migrations."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Filter:
-    """Which dead letters: every field left None matches all."""
-
-    queue: str | None = None
-    task: str | None = None
-    reason: str | None = None
-    older_than: float | None = None  # seconds since dead-lettered
-    newer_than: float | None = None
-    replayed: bool | None = None
-    ids: list[int] | None = None
-
-    def params(self) -> dict:
-        return {"queue": self.queue, "task": self.task, "reason": self.reason,
-                "older_than_s": self.older_than, "newer_than_s": self.newer_than,
-                "replayed": self.replayed, "ids": list(self.ids) if self.ids else None}
-
-
-@dataclasses.dataclass(frozen=True)
-class DeadLetterSummary:
-    id: int
-    message_id: int
-    queue: str
-    task_id: str | None
-    task_name: str | None
-    reason: str
-    attempts: int
-    max_attempts: int | None
-    dead_lettered_at: dt.datetime
-    replayed_at: dt.datetime | None
-    last_error_type: str | None
-    last_error: str | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,49 +62,6 @@ class DeadLetter:
 
 
 @dataclasses.dataclass(frozen=True)
-class TaskMessage:
-    """A message of a task in the messages table (one per queue it went to)."""
-
-    message_id: int
-    queue: str
-    task_name: str | None
-    priority: int
-    state: str  # "ready", "delayed" (ETA, countdown, retry backoff) or "leased"
-    enqueued_at: dt.datetime
-    #: Ready: deliverable since then; delayed: until then.
-    visible_at: dt.datetime
-    #: The consumer holding the lease, as "<worker>[<pid>]"; for a waiting message, the last one
-    #: that held it (None if none did, or one of a release before lease holders were recorded).
-    leased_by: str | None
-    leased_at: dt.datetime | None
-    leased_until: dt.datetime | None  # for a leased message: when the lease runs out unless renewed
-    attempts: int  # deliveries so far; a leased message is on attempt number `attempts`
-    max_attempts: int
-    errors: list[dict]  # one entry per failed attempt: at, worker, type, message, traceback
-    expires_at: dt.datetime | None
-
-    @property
-    def worker(self) -> str | None:
-        """The lease holder's worker name (Celery's hostname), without the pid."""
-        return _HOLDER.match(self.leased_by).group(1) if self.leased_by else None
-
-    @property
-    def pid(self) -> int | None:
-        match = _HOLDER.match(self.leased_by) if self.leased_by else None
-        return int(match.group(2)) if match and match.group(2) else None
-
-
-_HOLDER = re.compile(r"^(.*?)(?:\[(\d+)\])?$", re.S)
-
-
-@dataclasses.dataclass(frozen=True)
-class Revocation:
-    revoked_at: dt.datetime
-    expires_at: dt.datetime
-    revoked_by: str | None
-
-
-@dataclasses.dataclass(frozen=True)
 class TaskLookup:
     """Where a task is: its messages, dead letters and durable revoke."""
 
@@ -158,15 +82,6 @@ class TaskLookup:
         return "revoked" if self.revoked else "not_found"
 
 
-@dataclasses.dataclass(frozen=True)
-class QueueCount:
-    queue: str
-    known: bool  # declared, or holding messages
-    ready: int
-    delayed: int
-    leased: int
-
-
 def _json_object(text: str) -> dict | None:
     try:
         value = json.loads(text)
@@ -181,7 +96,7 @@ class Admin:
         self.role = role  # in the connections' application_name
         self.description = config.mask_url(url)
         self.schema = schema
-        self.q = for_schema(schema)
+        self.store = store_for(schema)
         self.options = config.Options(schema=schema)
         self.channel = self.options.notify_channel
 
@@ -195,8 +110,8 @@ class Admin:
         except psycopg.OperationalError as exc:
             raise psycopg.OperationalError(
                 f"cannot connect to {self.description}: {config.scrub(exc, self.conninfo)}") from None
-        if not pooler.detect(conn, self.q):
-            conn.execute(self.q.session_setup, self.options.session_params())
+        if not pooler.detect(conn, self.store.q):
+            self.store.session_setup(conn, **self.options.session_params())
         return conn
 
     @contextlib.contextmanager
@@ -234,19 +149,16 @@ class Admin:
         """One page of dead letters with id > ``after``, oldest first."""
         filter = dataclasses.replace(filter, **filters)
         with self.session() as conn:
-            rows = conn.execute(self.q.dlq_list, dict(filter.params(), after=after, limit=limit)).fetchall()
-        return [DeadLetterSummary(*row) for row in rows]
+            return self.store.dlq_list(conn, filter, after=after, limit=limit)
 
     def dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
         with self.session() as conn:
-            row = conn.execute(self.q.dlq_get, {"id": dead_letter_id}).fetchone()
+            row = self.store.dlq_get(conn, id=dead_letter_id)
         if row is None:
             return None
-        values = list(row)
-        message = _json_object(values[10])
-        raw_payload = None if message is not None else values[10]
-        values[10] = message
-        return DeadLetter(*values, raw_payload=raw_payload)
+        message = _json_object(row.payload)
+        return DeadLetter(*row[:10], message, *row[11:],
+                          raw_payload=None if message is not None else row.payload)
 
     def replay(self, filter: Filter = Filter(), *, batch: int = 1000,
                progress: Callable[[int], None] | None = None, **filters) -> int:
@@ -255,9 +167,9 @@ class Admin:
         total, after = 0, 0
         with self.session() as conn, conn.transaction():
             while True:
-                count, last_id, _ = conn.execute(self.q.dlq_replay_batch, dict(
-                    filter.params(), after=after, limit=batch, channel=self.channel)).fetchone()
-                if not count:
+                count, last_id = self.store.dlq_replay_batch(conn, filter, after=after, limit=batch,
+                                                             channel=self.channel)
+                if not count or last_id is None:
                     break
                 total, after = total + count, last_id
                 if progress:
@@ -269,43 +181,33 @@ class Admin:
     def count(self, filter: Filter = Filter(), **filters) -> int:
         filter = dataclasses.replace(filter, **filters)
         with self.session() as conn:
-            return conn.execute(self.q.dlq_count, filter.params()).fetchone()[0]
+            return self.store.dlq_count(conn, filter)
 
     def purge(self, filter: Filter = Filter(), **filters) -> int:
         """Delete matching dead letters; returns how many."""
         filter = dataclasses.replace(filter, **filters)
         with self.session() as conn:
-            return conn.execute(self.q.dlq_purge, filter.params()).rowcount
+            return self.store.dlq_purge(conn, filter)
 
     def stats(self) -> dict:
         """Per queue: ready, delayed, leased, oldest ready age; dead letters by queue and reason."""
         with self.session() as conn:
-            queues = conn.execute(self.q.stats_queues, {}).fetchall()
-            dead = conn.execute(self.q.stats_dead_letters, {}).fetchall()
-        return {
-            "queues": [{"queue": name, "ready": ready, "delayed": delayed, "leased": leased,
-                        "oldest_ready_age_s": float(age) if age is not None else None}
-                       for name, ready, delayed, leased, age in queues],
-            "dead_letters": [{"queue": queue, "reason": reason, "count": count}
-                             for queue, reason, count in dead],
-        }
+            queues = self.store.stats_queues(conn)
+            dead = self.store.stats_dead_letters(conn)
+        return {"queues": [row._asdict() for row in queues],
+                "dead_letters": [{"queue": queue, "reason": reason, "count": count} for queue, reason, count in dead]}
 
     # -- tasks --------------------------------------------------------------------------------
 
     def task(self, task_id: str) -> TaskLookup:
         """Where task ``task_id`` is: waiting, delayed, leased (by whom, since when), its
         attempts and errors, dead-lettered, revoked, or not found (acked, or never seen)."""
-        params = {"task_id": task_id}
         with self.connect() as conn:
-            messages = conn.execute(self.q.task_messages, params).fetchall()
-            dead = conn.execute(self.q.task_dead_letters, params).fetchall()
-            revoked = conn.execute(self.q.task_revoked, params).fetchone()
-        default_cap = self.options.max_attempts
-        return TaskLookup(
-            task_id,
-            [TaskMessage(*row[:11], row[11] or default_cap, *row[12:]) for row in messages],
-            [DeadLetterSummary(*row) for row in dead],
-            Revocation(*revoked) if revoked else None)
+            return TaskLookup(
+                task_id,
+                self.store.task_messages(conn, task_id=task_id, default_max_attempts=self.options.max_attempts),
+                self.store.task_dead_letters(conn, task_id=task_id),
+                self.store.task_revoked(conn, task_id=task_id))
 
     def revoke(self, task_ids, *, expires: float = config.Options.revoke_expires,
                marked: bool = False) -> list[revocation.Outcome]:
@@ -314,7 +216,7 @@ class Admin:
         Tasks removed here are marked REVOKED in the result backend by the next housekeeping
         round of a worker, unless the caller does (``marked``)."""
         with self.connect() as conn:
-            outcomes = revocation.revoke(conn, self.q, task_ids, expires=expires, unmarked=not marked)
+            outcomes = revocation.revoke(conn, self.store.q, task_ids, expires=expires, unmarked=not marked)
         logger.info("kombu_pg: revoked %s: removed %d waiting message(s)", ", ".join(map(str, task_ids)),
                     sum(o.removed for o in outcomes))
         return outcomes
@@ -324,16 +226,14 @@ class Admin:
     def queue_counts(self, queues) -> list[QueueCount]:
         """Ready, delayed and leased messages of each of ``queues``."""
         with self.connect() as conn:
-            rows = conn.execute(self.q.queue_counts, {"queues": list(queues)}).fetchall()
-        return [QueueCount(*row) for row in rows]
+            return self.store.queue_counts(conn, queues=list(queues))
 
     def purge_queues(self, queues, *, delayed: bool = False, leased: bool = False) -> dict[str, dict]:
         """Delete the ready messages of ``queues`` (as ``celery purge``), and with ``delayed``
         those waiting for an ETA, countdown or retry backoff, with ``leased`` those consumers
         hold (their tasks still run; their acks then find nothing). Per queue, what went."""
         with self.connect() as conn:
-            rows = conn.execute(self.q.purge_queues, {"queues": list(queues), "delayed": delayed,
-                                                      "leased": leased}).fetchall()
+            rows = self.store.purge_queues(conn, queues=list(queues), delayed=delayed, leased=leased)
         gone = {queue: {"ready": 0, "delayed": 0, "leased": 0} for queue in queues}
         for queue, ready, delayed_count, leased_count in rows:
             gone[queue] = {"ready": ready, "delayed": delayed_count, "leased": leased_count}

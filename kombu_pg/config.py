@@ -256,6 +256,7 @@ def _coerce(key, type_name, value):
 #: (whose values may be quoted, with backslash escapes).
 _QUERY_SECRET = re.compile(r"([?&](?:ssl)?password=)[^&#]*", re.IGNORECASE)
 _KEYWORD_SECRET = re.compile(r"(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)", re.IGNORECASE)
+_SCHEMELESS_SECRET = re.compile(r"^([^\s/@:=]+:)[^\s/=]*@")
 
 
 def mask_url(url: str, mask: str = "**") -> str:
@@ -263,7 +264,8 @@ def mask_url(url: str, mask: str = "**") -> str:
     nothing else changed: host lists, an empty host (``postgresql:///db?host=h1,h2``) and the
     parameters stay as written. A libpq ``key=value`` string has its password masked too."""
     scheme, sep, rest = url.partition("://")
-    if not sep:
+    if not sep:  # key=value pairs, or a URL whose scheme was left out (user:password@host)
+        url = _SCHEMELESS_SECRET.sub(lambda m: m.group(1) + mask + "@", url)
         return _KEYWORD_SECRET.sub(lambda m: m.group(1) + mask, url)
     end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
     netloc, tail = rest[:end], rest[end:]
@@ -302,7 +304,8 @@ def scrub(text: str, conninfo: str | None) -> str:
 
 def _password_of(conninfo: str) -> str | None:
     try:
-        return conninfo_to_dict(conninfo).get("password")
+        password = conninfo_to_dict(conninfo).get("password")
+        return None if password is None else str(password)
     except psycopg.Error:
         match = re.search(r"://[^/@:]*:([^@/]*)@", conninfo)
         return match.group(1) if match else None
@@ -333,7 +336,7 @@ def to_conninfo(url: str) -> str:
         conninfo_to_dict(conninfo)
     except psycopg.Error as exc:
         raise ConfigurationError(
-            f"invalid PostgreSQL broker URL {mask_url(url)!r}: {scrub(exc, conninfo)}") from None
+            f"invalid PostgreSQL broker URL {mask_url(url)!r}: {scrub(str(exc), conninfo)}") from None
     return conninfo
 
 
@@ -342,7 +345,9 @@ def failover_conninfo(urls: list[str]) -> str:
     (``url1;url2``), in order: libpq tries them at each connect, and with several hosts takes
     the read-write one (see Options.connection_kwargs). The URLs may differ only in their hosts
     and ports."""
-    hosts, ports, common = [], [], None
+    hosts: list[str] = []
+    ports: list[str] = []
+    common: dict | None = None
     for url in urls:
         params = conninfo_to_dict(to_conninfo(url))
         host = str(params.pop("host", "")).split(",")
@@ -356,7 +361,7 @@ def failover_conninfo(urls: list[str]) -> str:
                 f"the URLs of the failover list {masked(';'.join(urls))!r} differ in more than hosts "
                 "and ports: write one URL naming every host, e.g. "
                 "postgresql://user@host1:5432,host2:5432/db?target_session_attrs=read-write")
-    return make_conninfo(**common, host=",".join(hosts), port=",".join(ports))
+    return make_conninfo(**(common or {}), host=",".join(hosts), port=",".join(ports))
 
 
 def conninfo_from_parts(hostname, port, userid, password, virtual_host) -> str:

@@ -1,5 +1,6 @@
-"""Per-process access to one database and schema: a connection pool, the schema's statements,
-the lease keeper and the one-time migration check.
+"""Per-process access to one database and schema: its connections (connections.py), the
+services that share them (lease keeper, acker, vacuum, maintenance), the publish-side memory
+(debounced NOTIFYs, publishes no queue takes) and settling by lease.
 
 Every process gets its own objects. After a fork the parent's are left untouched (closing a
 connection inherited across fork would end the parent's session), and new ones are made.
@@ -7,30 +8,21 @@ connection inherited across fork would end the parent's session), and new ones a
 from __future__ import annotations
 
 import atexit
-import contextlib
 import datetime as dt
-import functools
 import json
 import logging
 import os
 import socket
 import threading
 import time
-from typing import Any
 
-import psycopg
-from psycopg_pool import ConnectionPool, PoolTimeout
-
-from . import counters, migrate, minute_stats, pooler
-from .deadline import watchdog
-from .failover import ReadOnlyServer, writable
-from .config import ConfigurationError, Options, mask_url, scrub, to_conninfo
+from . import counters
 from .acker import Acker
-from .housekeeping import Housekeeper
+from .config import Options
+from .connections import Connections
 from .leases import LeaseKeeper
+from .maintenance import Maintenance
 from .vacuum import Vacuumer
-from .prepared import Pending, PreparedStatement
-from .queries import Queries, for_schema
 
 logger = logging.getLogger(__name__)
 
@@ -41,228 +33,27 @@ NOTIFY_DEBOUNCE_SECONDS = 0.005
 #: debounce window plus a publish round trip).
 FOLLOW_UP_SECONDS = 0.025
 
-#: Errors after which the statement may be retried once on a fresh connection (ReadOnlyServer,
-#: a session on a server that accepts no writes, is an OperationalError).
-CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
-
-class Database:
+class Database(Connections):
     def __init__(self, conninfo: str, options: Options, description: str):
-        self.conninfo = conninfo
-        self.options = options
-        self.description = description  # the masked URL, for messages
-        self.q: Queries = for_schema(options.schema)
-        #: Straight to PostgreSQL, for what needs a session behind a transaction pooler.
-        self.direct_conninfo = to_conninfo(options.direct_url) if options.direct_url else None
-        self._pooled = {"transaction": True, "none": False}.get(options.pooler)  # None: detect
-        self._pool: ConnectionPool | None = None
-        self._pool_lock = threading.Lock()
-        #: Counts pools discarded: a connection made before the last discard may be on a server
-        #: that failed or was demoted since (the LISTEN connection reconnects then).
-        self.pool_generation = 0
-        self._users = 0  # open transports using this database
-        self._ready = False
+        super().__init__(conninfo, options, description)
         #: synchronous_commit of lease statements (see fragment_lease_commit in queries.sql).
         self.lease_commit = "on" if options.durable_leases else "off"
         self.leases = LeaseKeeper(self)
         self.acker = Acker(self)
         self.vacuumer = Vacuumer(self)
-        self.housekeeper = Housekeeper(self)
+        self.maintenance = Maintenance(self, self.leases, self.vacuumer)
         self._notified: dict = {}  # destination -> monotonic time of its last NOTIFY
         # (exchange, routing key) -> (routing epoch, monotonic expiry): published to, matched no
         # queue (see unroutable). The epoch moves whenever a LISTEN connection comes or goes.
         self._unroutable: dict = {}
         self._routing_epoch = 0
         self._listeners = 0  # LISTEN connections of this process that are up
-        minute_stats.watch(self)  # this process's counts, flushed to queue_stats once a minute
 
-    # -- connections ------------------------------------------------------------------------
+    def _before_pool_close(self) -> None:
+        self.acker.flush()  # queued acks go out through the pool
 
-    @property
-    def pooled(self) -> bool:
-        """Whether the broker URL leads to a transaction pooler (option ``pooler``; "auto" asks
-        one connection, once per process and URL)."""
-        if self._pooled is None:
-            seen = _pooler_seen.get(self.conninfo)
-            if seen is None:
-                seen = _pooler_seen[self.conninfo] = self._detect_pooler()
-            self._pooled = seen
-        return self._pooled
-
-    def _detect_pooler(self) -> bool:
-        with self._open(self.conninfo, "probe", prepare_threshold=None) as conn:
-            with watchdog.guard(conn, self.options.statement_deadline):
-                found = pooler.detect(conn, self.q)
-        if found:
-            logger.info("kombu_pg: %s leads to a pooler: no prepared statements, no session "
-                        "settings; LISTEN and beat's leader election use direct_url (set the "
-                        "transport option pooler='none' for a session-pooling pooler)", self.description)
-        return found
-
-    @functools.cached_property
-    def prepared(self) -> dict[str, PreparedStatement]:
-        """The hot path, without psycopg's execute machinery (see prepared.py). Named, unless
-        behind a transaction pooler, whose clients share server connections and their names."""
-        prefix = None if self.pooled else "kombu_pg_"
-        return {name: PreparedStatement(prefix and prefix + name, getattr(self.q, name))
-                for name in ("publish_direct", "publish_routed", "claim", "claim_no_ack")}
-
-    def session_conninfo(self, feature: str) -> str:
-        """Where ``feature``, which needs a session of its own, connects: direct_url, else the
-        broker URL unless that leads to a transaction pooler (then ConfigurationError)."""
-        if self.direct_conninfo:
-            return self.direct_conninfo
-        if self.pooled:
-            raise pooler.session_required(feature)
-        return self.conninfo
-
-    def connect(self, conninfo: str | None = None, *, role: str, bounded: bool = True,
-                **kwargs) -> psycopg.Connection:
-        """A new dedicated connection; errors name the problem and never carry the password.
-
-        ``role``: what it is for, in its application_name (``listen``, ``lease``, ...).
-        ``bounded``: statements get the ``statement_timeout`` option (not for migrations, which
-        may rightly take longer; nor behind a transaction pooler, where a session setting would
-        reach other clients: there the client-side deadline alone bounds a statement)."""
-        conninfo = conninfo or self.conninfo
-        pooled = conninfo == self.conninfo and self.pooled
-        conn = self._open(conninfo, role, **self._pooled_kwargs(pooled), **kwargs)
-        if bounded and not pooled:
-            self._configure(conn)
-        return conn
-
-    def _open(self, conninfo: str, role: str, **kwargs) -> psycopg.Connection:
-        try:
-            return psycopg.connect(conninfo, autocommit=True,
-                                   **{**self.options.connection_kwargs(conninfo, role), **kwargs})
-        except psycopg.OperationalError as exc:
-            where = self.description if conninfo == self.conninfo else mask_url(conninfo)
-            raise psycopg.OperationalError(f"cannot connect to {where}: {scrub(exc, conninfo)}") from None
-
-    @staticmethod
-    def _pooled_kwargs(pooled: bool) -> dict:
-        # psycopg prepares a statement run 5 times under a name of its own (_pg3_0, ...): behind
-        # a transaction pooler another client meets it on the same server connection.
-        return {"prepare_threshold": None} if pooled else {}
-
-    def _configure(self, conn: psycopg.Connection) -> None:
-        """Session settings of every connection (the pool's too)."""
-        with watchdog.guard(conn, self.options.statement_deadline):
-            conn.execute(self.q.session_setup, self.options.session_params())
-
-    @property
-    def pool(self) -> ConnectionPool:
-        return self._pool if self._pool is not None else self.open_pool()
-
-    def open_pool(self) -> ConnectionPool:
-        """The pool, opened if need be, once its first connection is up (PoolTimeout if not
-        within connect_timeout)."""
-        with self._pool_lock:
-            if self._pool is None:
-                pooled = self.pooled
-                pool = ConnectionPool(
-                    self.conninfo, min_size=1, max_size=self.options.max_connections,
-                    kwargs={"autocommit": True, **self.options.connection_kwargs(self.conninfo, "pool"),
-                            **self._pooled_kwargs(pooled)},
-                    configure=None if pooled else self._configure, timeout=self.options.connect_timeout,
-                    name=f"kombu_pg[{os.getpid()}]", open=True)
-                # Wait for that connection: a statement asking for one before it is up makes
-                # the pool open a second one meanwhile, in a thread that competes for the GIL
-                # with the statements that follow (measured: a first publish took ~12 ms
-                # instead of ~8, the second 1.2 ms instead of 0.6). wait() closes it on timeout.
-                pool.wait(self.options.connect_timeout)
-                self._pool = pool
-            return self._pool
-
-    def _discard_pool(self) -> None:
-        """Start over with a new pool: after an outage psycopg_pool retries connecting with an
-        exponential backoff (1, 2, 4, 8 s ...), which would keep clients waiting well after the
-        server is back; a new pool connects at once. Closed in the background: its connection
-        attempts may still be blocked on the server."""
-        with self._pool_lock:
-            pool, self._pool = self._pool, None
-            self.pool_generation += 1
-        if pool is not None:
-            threading.Thread(target=pool.close, kwargs={"timeout": self.options.connect_timeout},
-                             name="kombu_pg-pool-close", daemon=True).start()
-
-    @contextlib.contextmanager
-    def connection(self):
-        """A pooled connection for several statements (no retry). A read-only server raises
-        ReadOnlyServer, a lost connection, and starts a new pool."""
-        try:
-            with self.pool.connection() as conn, writable(conn):
-                yield conn
-        except ReadOnlyServer:
-            self._discard_pool()
-            raise
-
-    def acquire(self) -> None:
-        """A transport (Kombu connection) starts using this database."""
-        with self._pool_lock:
-            self._users += 1
-
-    def release(self) -> None:
-        """A transport is done: once none is left, close the pool (reopened on next use), so a
-        process that used many URLs or schemas does not keep idle server connections for each."""
-        with self._pool_lock:
-            self._users = max(self._users - 1, 0)
-            if self._users or self._pool is None:
-                return
-            pool, self._pool = self._pool, None
-        self.acker.flush()
-        pool.close()
-
-    def ensure_ready(self) -> None:
-        """Check that we can connect, and migrate the schema if need be, once per process."""
-        if self._ready:
-            return
-        with self.connect(role="migrate", bounded=False) as conn:  # migrations may take long
-            # Read first: against a current schema, take no lock and create nothing, so that a
-            # role without CREATE rights starts, and nobody holding the lock can stop it.
-            missing = migrate.pending(conn, self.options.schema)
-            if missing and not self.options.auto_migrate:
-                raise ConfigurationError(
-                    f"schema {self.options.schema!r} lacks migrations {missing} and auto_migrate "
-                    "is off: run `kombu-pg migrate`")
-            if missing:
-                migrate.migrate(conn, self.options.schema, self.options.migrate_lock_timeout)
-        self._ready = True
-
-    def run(self, query: str | PreparedStatement, params: Any = None, *, fetch: bool = False):
-        """Execute one statement on a pooled connection: rows if ``fetch``, else the row count.
-
-        A statement that fails because its connection broke, or because its server accepts no
-        writes (a standby, a primary being demoted: see failover.py), is retried on a fresh one: all
-        our statements are safe to repeat (acks, releases and renewals match a lease token; a
-        repeated publish is at worst a duplicate, which at-least-once delivery allows).
-        A server that does not answer at all costs at most the statement deadline, then
-        ``connect_timeout`` for the fresh connection, before the error is raised.
-        """
-        # After a server restart every pooled connection is dead: allow one try per connection.
-        attempts = self.options.max_connections + 1
-        for attempt in range(1, attempts + 1):
-            try:
-                with self.pool.connection() as conn, writable(conn), \
-                        watchdog.guard(conn, self.options.statement_deadline):
-                    if isinstance(query, PreparedStatement):
-                        rows = query.execute(conn, params)
-                        return rows if fetch else len(rows)
-                    cur = conn.execute(query, params)
-                    return cur.fetchall() if fetch else cur.rowcount
-            except CONNECTION_ERRORS as exc:
-                if isinstance(exc, (PoolTimeout, ReadOnlyServer)):
-                    self._discard_pool()
-                if attempt == attempts or isinstance(exc, PoolTimeout):
-                    raise psycopg.OperationalError(
-                        f"database {self.description} unavailable: {scrub(exc, self.conninfo)}") from None
-                logger.warning("kombu_pg: connection lost (%s), retrying", scrub(exc, self.conninfo))
-
-    def start(self, statement: PreparedStatement, params: dict) -> Pending:
-        """Send ``statement`` on a pooled connection now; ``.result()`` reads its rows later.
-
-        No retry here: the caller falls back to :meth:`run` if sending fails."""
-        return Pending(self.pool, statement, params, self.options.statement_deadline)
+    # -- debounced wake-ups -----------------------------------------------------------------
 
     def should_notify(self, destination) -> bool:
         """Debounced wake-ups: NOTIFY costs about as much as the INSERT it accompanies."""
@@ -390,31 +181,14 @@ class Database:
                         message_id, queue, attempt, cap)
         return {"attempt": attempt, "max_attempts": cap, "dead_letter_id": dead_letter_id}
 
-    def reap(self, conn: psycopg.Connection, limit: int = 1000) -> list[tuple]:
-        """Return expired leases to their queues, or dead-letter them at the delivery cap, on
-        ``conn`` (in the housekeeping round's transaction); log them with :meth:`reaped`."""
-        return conn.execute(self.q.reap, {"limit": limit, "default_max_attempts": self.options.max_attempts,
-                                          "held": self.leases.held_ids()}).fetchall()
-
-    def reaped(self, rows: list[tuple]) -> None:
-        for outcome, message_id, queue, task_id, attempt in rows:
-            counters.add("dead_lettered" if outcome == "dead_lettered" else "released", queue)
-            logger.warning("kombu_pg: lease of message %s (task %s, queue %r, attempt %d) expired: %s",
-                           message_id, task_id, queue, attempt,
-                           "dead-lettered (lease_expired)" if outcome == "dead_lettered" else "returned to its queue")
-
     def close(self) -> None:
-        self.housekeeper.resign()
+        self.maintenance.resign()
         self.acker.stop()
         self.leases.stop()
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        self.close_pool()
 
 
 _registry: dict[tuple, Database] = {}
-#: conninfo -> whether it leads to a pooler, as detected (forked children know it too).
-_pooler_seen: dict[str, bool] = {}
 
 
 @atexit.register

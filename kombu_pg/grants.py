@@ -1,9 +1,10 @@
-"""The privileges a runtime role needs on a migrated schema (``kombu-pg grants``), from grants.sql."""
+"""The privileges a runtime role needs on a migrated schema (``kombu-pg grants``), from grants.sql.
+
+Applied by the store (``Store.grant``), which runs them in one transaction."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import psycopg
 from psycopg import sql
 
 _TEMPLATE = Path(__file__).with_name("grants.sql").read_text()
@@ -16,11 +17,3 @@ def statements(schema: str, role: str) -> list[str]:
     return [sql.SQL(" ".join(text.split())).format(**names).as_string(None)
             for text in code.split(";") if text.strip()]
 
-
-def apply(conn: psycopg.Connection, schema: str, role: str) -> list[str]:
-    """Run them, all or none; returns them."""
-    done = statements(schema, role)
-    with conn.transaction():
-        for statement in done:
-            conn.execute(statement)
-    return done

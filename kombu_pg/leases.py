@@ -18,6 +18,7 @@ import psycopg
 
 from .deadline import watchdog
 from .failover import writable
+from .store import store_for
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +110,9 @@ class LeaseKeeper:
         if self._conn is None or self._conn.closed:
             self._conn = self.db.connect(role="lease")
         with writable(self._conn), watchdog.guard(self._conn, self.db.options.statement_deadline):
-            return {row[0] for row in self._conn.execute(self.db.q.renew, {
-                "ids": ids, "tokens": tokens, "lease_seconds": self.lease_seconds,
-                "synchronous_commit": self.db.lease_commit})}
+            return store_for(self.db.options.schema).renew(
+                self._conn, ids=ids, tokens=tokens, lease_seconds=self.lease_seconds,
+                synchronous_commit=self.db.lease_commit)
 
     def _close(self) -> None:
         if self._conn is not None:

@@ -9,9 +9,9 @@ import logging
 import select
 
 import psycopg
-from psycopg import sql
 
 from .failover import writable
+from .store import store_for
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class Listener:
         self.conn = self.db.connect(self.conninfo, role="listen")
         try:
             with writable(self.conn):
-                self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                store_for(self.db.options.schema).listen(self.conn, channel=self.channel)
         except psycopg.Error:
             self.close()
             raise

@@ -6,10 +6,9 @@ import re
 from pathlib import Path
 
 import psycopg
-from psycopg import sql
 
 from .config import ConfigurationError, Options
-from .queries import for_schema
+from .store import migrations_dir, store_for
 
 logger = logging.getLogger(__name__)
 
@@ -23,12 +22,6 @@ FIX = ("run `kombu-pg migrate` as a role that may create the schema (the auto_mi
 
 class MigrationError(ConfigurationError):
     """The schema needs migrations this connection cannot apply (one line, no password)."""
-
-
-def migrations_dir() -> Path:
-    """Inside the wheel the files are package data; in a checkout they sit at the top level."""
-    packaged = Path(__file__).with_name("migrations")
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "migrations"
 
 
 def available() -> list[tuple[int, str, Path]]:
@@ -52,21 +45,17 @@ def migrate(conn: psycopg.Connection, schema: str,
     so a failure leaves nothing behind). Raises :class:`MigrationError` when the lock stays
     taken or the role lacks a privilege.
     """
-    q = for_schema(schema)
+    store = store_for(schema)
     applied: list[int] = []
     try:
         with conn.transaction():
             _lock(conn, schema, lock_timeout)
-            conn.execute(q.create_schema, {})  # {}: psycopg then reads the %% of a schema name back
-            conn.execute(q.create_migrations_table, {})
-            done = {row[0] for row in conn.execute(q.applied_migrations, {})}
+            store.create_migrations_table(conn)
+            done = store.applied_migrations(conn)
             for version, name, path in available():
                 if version in done or (up_to is not None and version > up_to):
                     continue
-                # A migration file holds several statements: sent without parameters, psycopg
-                # uses the simple query protocol, which accepts them in one call.
-                conn.execute(sql.SQL(path.read_text()).format(schema=sql.Identifier(schema)))
-                conn.execute(q.record_migration, {"version": version, "name": name})
+                store.apply_migration(conn, path, version=version, name=name)
                 logger.info("kombu_pg: applied migration %04d_%s to schema %s", version, name, schema)
                 applied.append(version)
     except _LockTimeout:
@@ -85,29 +74,24 @@ class _LockTimeout(Exception):
 
 
 def _lock(conn: psycopg.Connection, schema: str, timeout: float) -> None:
-    q = for_schema(schema)
     try:
-        conn.execute(q.migrate_lock, {"timeout": f"{max(1, round(timeout * 1000))}ms",
-                                      "namespace": _LOCK_NAMESPACE, "schema": schema})
+        store_for(schema).migrate_lock(conn, namespace=_LOCK_NAMESPACE,
+                                       timeout=f"{max(1, round(timeout * 1000))}ms")
     except psycopg.errors.LockNotAvailable:
         raise _LockTimeout() from None
-    conn.execute(q.migrate_lock_taken)
 
 
 def _holders(conn: psycopg.Connection, schema: str) -> str:
-    rows = conn.execute(for_schema(schema).migrate_lock_holders,
-                        {"namespace": _LOCK_NAMESPACE, "schema": schema}).fetchall()
+    rows = store_for(schema).migrate_lock_holders(conn, namespace=_LOCK_NAMESPACE)
     held = [f"pid {pid}, role {user!r}" + (f", application {app!r}" if app else "") for pid, user, app in rows]
     return "held by " + "; ".join(held) if held else "its holder is gone now"
 
 
 def pending(conn: psycopg.Connection, schema: str) -> list[int]:
     """Versions not yet applied (all of them if the schema does not exist). Read only."""
-    q = for_schema(schema)
+    store = store_for(schema)
     try:
-        done = set()
-        if conn.execute(q.migrations_table_exists, {"schema": schema}).fetchone()[0]:
-            done = {row[0] for row in conn.execute(q.applied_migrations, {})}
+        done = store.applied_migrations(conn) if store.migrations_table_exists(conn) else set()
     except psycopg.errors.InsufficientPrivilege as exc:
         raise MigrationError(
             f"role {conn.info.user!r} may not read schema {schema!r} ({_one_line(exc)}): grant it "

@@ -22,10 +22,13 @@ import os
 import threading
 import time
 import weakref
+from typing import Any, Protocol
 
 import psycopg
 
 from . import counters
+from .config import Options
+from .store import store_for
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,15 @@ DEFAULT_INTERVAL = 60.0
 KEEP_SECONDS = 86400
 #: ...each at most this often.
 PRUNE_EVERY_SECONDS = 3600
+
+
+class Database(Protocol):
+    """Where the counts go (kombu_pg.connections.Connections): its schema, and a runner of
+    statements (see kombu_pg.store)."""
+
+    options: Options
+
+    def run(self, query: str, params: Any = None, *, fetch: bool = False) -> Any: ...
 
 
 def interval() -> float:
@@ -51,7 +63,7 @@ class Flusher:
 
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self._db: weakref.ref | None = None
+        self._db: weakref.ref[Database] | None = None
         self._baseline = counters.snapshot()  # counts of a forked child's parent are not ours
         self._window_start = time.time()
         self._next_prune = 0.0  # monotonic; the first flush prunes
@@ -59,7 +71,7 @@ class Flusher:
         self._thread: threading.Thread | None = None
         self._refused: str | None = None  # the last error, logged once
 
-    def watch(self, db, *, thread: bool = True) -> None:
+    def watch(self, db: Database, *, thread: bool = True) -> None:
         previous = self._db() if self._db else None
         if previous is not None and previous is not db:
             # What was counted so far belongs to the database in use until now: written there
@@ -94,11 +106,9 @@ class Flusher:
             if not deltas:
                 return 0
             prune = time.monotonic() >= self._next_prune
-            params = {"queues": [queue for _, queue in deltas], "events": [event for event, _ in deltas],
-                      "counts": list(deltas.values()), "lag_s": lag, "prune": prune,
-                      "keep_s": KEEP_SECONDS}
             try:
-                db.run(db.q.stats_flush, params)
+                store_for(db.options.schema).stats_flush(db, counts=deltas, lag_s=lag, prune=prune,
+                                                         keep_s=KEEP_SECONDS)
             except (psycopg.errors.UndefinedTable, psycopg.errors.InsufficientPrivilege,
                     psycopg.errors.InvalidSchemaName) as exc:
                 # Not migrated to 0009 (auto_migrate off), the schema dropped, or a role without
@@ -128,9 +138,9 @@ _flusher: Flusher | None = None
 _lock = threading.Lock()
 
 
-def watch(db) -> None:
-    """Flush this process's counts into ``db`` (a :class:`kombu_pg.database.Database`) from now
-    on: called when the process starts using a database."""
+def watch(db: Database) -> None:
+    """Flush this process's counts into ``db`` from now on: called once the process reached a
+    database (kombu_pg.connections.Connections.ensure_ready)."""
     global _flusher
     with _lock:
         if _flusher is None or _flusher.pid != os.getpid():  # new after a fork: threads are gone

@@ -12,14 +12,14 @@ import psycopg
 
 from .config import ConfigurationError
 from .queries import Queries
+from .store import store_for
 
 
 def detect(conn: psycopg.Connection, q: Queries) -> bool:
     """Whether ``conn`` goes through a pooler: the process id that the handshake announced is
     not the one of the server process running our statements. Session and transaction pooling
     look alike here; both are then treated as transaction pooling, which is safe under either."""
-    [(server_pid,)] = conn.execute(q.server_backend_pid).fetchall()
-    return server_pid != conn.info.backend_pid
+    return store_for(q.schema).server_backend_pid(conn) != conn.info.backend_pid
 
 
 def session_required(feature: str) -> ConfigurationError:

@@ -1,9 +1,9 @@
-"""The hot-path statements (publish, claim) straight through libpq.
+"""The hot-path statements (publish, claim, ack, renew) straight through libpq.
 
 psycopg's ``Connection.execute`` costs about 90 µs per statement here on top of the round
 trip (parameter adaptation, its non-blocking wait loop, cursor and result objects): a quarter
 of a durable publish. These statements need none of that: their parameters are strings,
-numbers, booleans, timestamps and NULLs, their results a few text columns. So each is prepared
+numbers, booleans, timestamps and NULLs and arrays of those, their results a few text columns. So each is prepared
 once per connection under a name of its own and run with ``PQexecPrepared`` in text format
 (libpq releases the GIL while it waits), or sent now and read later (``send``/``receive``), so
 that a consumer delivers one batch while the server leases the next. Errors are psycopg's own
@@ -138,7 +138,17 @@ def _text(value, encoding: str) -> bytes | None:
         return value.isoformat().encode()
     if isinstance(value, (str, int, float)):
         return str(value).encode(encoding)
+    if isinstance(value, (list, tuple)):  # an array of numbers or strings (ids, lease tokens)
+        return ("{" + ",".join(_element(item) for item in value) + "}").encode(encoding)
     raise TypeError(f"cannot send a {type(value).__name__} as a statement parameter")
+
+
+def _element(value) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _check(result: pq.PGresult, pgconn: pq.PGconn, encoding: str) -> pq.PGresult:

@@ -14,6 +14,7 @@ import psycopg
 
 from . import config
 from .queries import Queries
+from .store import store_for
 
 DEFAULT_EXPIRES = config.Options.revoke_expires
 
@@ -45,6 +46,6 @@ def revoke(conn: psycopg.Connection, q: Queries, task_ids, *, expires: float = D
         return []
     if not expires > 0:
         raise config.ConfigurationError(f"revoke expiry must be positive seconds, not {expires!r}")
-    rows = conn.execute(q.revoke, {"task_ids": task_ids, "expires_s": float(expires),
-                                   "by": config.client_name(255), "unmarked": unmarked}).fetchall()
+    rows = store_for(q.schema).revoke(conn, task_ids=task_ids, expires_s=float(expires),
+                                      by=config.client_name(255), unmarked=unmarked)
     return sorted((Outcome(*row) for row in rows), key=lambda o: (o.task_id, o.queue, o.message_id))

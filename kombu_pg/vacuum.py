@@ -13,8 +13,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import psycopg
+
+if TYPE_CHECKING:
+    from .connections import Connections
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +27,7 @@ MIN_DEAD_ROWS = 2000
 
 
 class Vacuumer:
-    def __init__(self, db):
+    def __init__(self, db: Connections):
         self.db = db
         self._next = 0.0
         self._allowed: bool | None = None  # unknown until first asked

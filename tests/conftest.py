@@ -1,5 +1,12 @@
 """Test harness: a real PostgreSQL server, per-test schemas, Celery apps and worker processes.
 
+Rings (directories; each test is also marked with its ring, so ``-m unit`` works too; the
+markers are declared in pyproject.toml):
+``unit/`` pure logic, no database and no subprocess (the whole ring runs in seconds; a unit test
+that asks for the database fails at collection); ``integration/`` real PostgreSQL, everything in
+this process; ``acceptance/`` Celery workers, beat, the CLI and scripts as subprocesses, and
+servers of a test's own (faults, failover, TLS, PgBouncer, the demo).
+
 Database: ``KOMBU_PG_TEST_URL`` if set, else one embedded server (``kombu_pg.embedded``) per
 test process (under pytest-xdist every xdist worker starts its own: nothing is shared, so
 nothing can be stopped under another worker's feet).
@@ -37,8 +44,47 @@ PY = sys.executable
 HOST = "kptest"  # the host part of worker node names (w1@kptest)
 
 
+RINGS = ("unit", "integration", "acceptance")
+# Fixtures that need a server or start processes: never in the unit ring.
+NOT_IN_UNIT = {"pg_url", "procs", "private_server", "private_pooler", "pytester", "testdir"}
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds (runs by default)")
+
+
+def ring_of(path: Path) -> str | None:
+    """The ring of a test file: the directory under tests/ it lies in."""
+    tests = Path(__file__).parent
+    parts = path.relative_to(tests).parts if path.is_relative_to(tests) else ()
+    return parts[0] if len(parts) > 1 and parts[0] in RINGS else None
+
+
+def pytest_collection_modifyitems(config, items):
+    misplaced = []
+    for item in items:
+        ring = ring_of(Path(item.path))
+        if ring:
+            item.add_marker(ring)
+        needs = sorted(NOT_IN_UNIT.intersection(getattr(item, "fixturenames", ())))
+        if ring == "unit" and needs:
+            misplaced.append(f"{item.nodeid} uses {', '.join(needs)}")
+    if misplaced:
+        raise pytest.UsageError("unit tests must not need PostgreSQL or subprocesses; move them to "
+                                "tests/integration or tests/acceptance:\n  " + "\n  ".join(misplaced))
+    if hasattr(config, "workerinput"):
+        # Under pytest-xdist: the slow tests first (a stable sort, the same in every xdist
+        # worker), so that the short ones fill the gaps and no core idles at the end of the run.
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(request, monkeypatch):
+    if ring_of(Path(request.node.path)) == "unit":
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"a unit test started a subprocess ({args[:1]}): it belongs in tests/acceptance")
+
+        monkeypatch.setattr(subprocess, "Popen", refuse)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """pgbench_limit: the transport's own statements run by pgbench, with no Python in between.
 
-The scripts are made from kombu_pg/queries.sql at run time: every %(name)s placeholder is
+The scripts are made from kombu_pg/sql/*.sql at run time: every %(name)s placeholder is
 replaced by a literal (the values the transport sends for a small message, defaults from
 kombu_pg.config.Options) or by a pgbench variable. Each statement runs in its own transaction
 (autocommit), as the transport runs them. Scripts:
@@ -122,7 +122,8 @@ def values(conn, env, queue: str, payload: str) -> dict:
     return {
         "queue": lit(queue), "exchange": lit(queue), "routing_key": lit(queue),
         "priority": "0", "eta": "NULL", "ttl_ms": "NULL", "task_id": "NULL", "task_name": "NULL",
-        "max_attempts": str(options.max_attempts), "unique_key": "NULL", "unique_replace": "false",
+        "max_attempts": str(options.max_attempts), "default_max_attempts": str(options.max_attempts),
+        "unique_key": "NULL", "unique_replace": "false",
         "payload": f"convert_from(decode('{encoded}', 'base64'), 'UTF8')",
         "channel": lit(options.notify_channel), "lease_seconds": str(options.visibility_timeout),
         "ids": ":ids", "tokens": ":tokens",

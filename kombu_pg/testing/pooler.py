@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
@@ -92,7 +93,7 @@ class PrivatePooler:
             f"pool_mode = {pool_mode}\ndefault_pool_size = {pool_size}\n"
             "min_pool_size = 0\nreserve_pool_size = 0\nmax_client_conn = 1000\n")
         user = service_user()
-        as_user = {}
+        as_user: dict[str, Any] = {}
         if user:
             entry = pwd.getpwnam(user)
             for path in (self.dir, self.config, userlist):

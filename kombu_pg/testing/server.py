@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import time
 import warnings
+from typing import Any
 from pathlib import Path
 
 import psycopg
@@ -179,8 +180,8 @@ class PrivateServer:
                 conn.execute("ALTER SYSTEM SET synchronous_commit = on")
                 conn.execute("SELECT pg_reload_conf()")
                 deadline = time.monotonic() + 60
-                while conn.execute("SELECT count(*) FROM pg_stat_replication WHERE application_name = %s"
-                                   " AND sync_state = 'sync'", (name,)).fetchone()[0] == 0:
+                while _scalar(conn, "SELECT count(*) FROM pg_stat_replication WHERE application_name = %s"
+                                    " AND sync_state = 'sync'", (name,)) == 0:
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"standby {name} did not become synchronous within 60 s")
                     time.sleep(0.1)
@@ -261,10 +262,10 @@ class PrivateServer:
     def terminate_clients(self) -> int:
         """pg_terminate_backend() every client session but this call's own; how many."""
         with self.connect() as conn:
-            return conn.execute(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            return _scalar(
+                conn, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                 " WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'"
-                " AND application_name <> 'kp_fault_harness'").fetchone()[0]
+                " AND application_name <> 'kp_fault_harness'")
 
     def close(self) -> None:
         self.thaw()
@@ -276,3 +277,11 @@ class PrivateServer:
                 os.kill(pid, signal.SIGKILL)
             time.sleep(0.2)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _scalar(conn: psycopg.Connection, query: str, params: tuple | None = None) -> Any:
+    """The one value of an aggregate query."""
+    row = conn.execute(query, params).fetchone()
+    if row is None:
+        raise RuntimeError(f"no row from {query!r}")
+    return row[0]

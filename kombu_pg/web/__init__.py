@@ -14,7 +14,7 @@ __all__ = ["Access", "Console", "create_app"]
 
 
 def __getattr__(name: str):
-    # Lazily: `kombu-pg` imports the command (kombu_pg.web.server) without Flask installed.
+    # Lazily: Flask is needed only once a console is made (the extra `web`).
     if name == "create_app":
         from .app import create_app
         return create_app

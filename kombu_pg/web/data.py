@@ -1,7 +1,8 @@
 """What the console shows and does, read from and written to the database: queues with their
 rates, dead letters, the beat schedule, lease holders, task lookup. The pages and the JSON API
 both go through :class:`Console`; dead letters, queue statistics and task lookup through
-:class:`kombu_pg.admin.Admin`, the schedule through :class:`kombu_pg.beat_store.BeatStore`."""
+:class:`kombu_pg.admin.Admin`, the schedule through :class:`kombu_pg.beat_store.BeatStore`, the
+rest through the console's statements of the store (kombu_pg.store.console)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,6 @@ import uuid
 from typing import Any
 
 import kombu
-import psycopg
 from kombu.utils import json as kombu_json
 
 from .. import config
@@ -50,19 +50,14 @@ class Console:
         self.beat_store = BeatStore(schema)
         self.description = self.admin.description  # the masked URL
 
-    def _rows(self, conn: psycopg.Connection, statement: str, **params: Any) -> list[tuple]:
-        """The rows of one of the console's statements (the `-- Console` blocks of queries.sql):
-        the one place this module reaches for SQL."""
-        return conn.execute(getattr(self.admin.q, statement), params).fetchall()
-
     # -- queues ----------------------------------------------------------------------------------
 
     def queues(self, minutes: int = HISTORY_MINUTES) -> dict:
         """Per queue: counts, dead letters by reason, per-minute rates and their last hour."""
         stats = self.admin.stats()
         with self.admin.session() as conn:
-            rows = self._rows(conn, "console_rates", minutes=minutes - 1)
-            [(now,)] = self._rows(conn, "console_minute")
+            rows = self.admin.store.console_rates(conn, minutes=minutes - 1)
+            now = self.admin.store.console_minute(conn)
         minutes_axis = [now - dt.timedelta(minutes=minutes - 1 - i) for i in range(minutes)]
         index = {minute: i for i, minute in enumerate(minutes_axis)}
         series: dict[str, dict[str, list[int]]] = {}
@@ -110,7 +105,7 @@ class Console:
 
     def dead_letter_tasks(self) -> list[str]:
         with self.admin.session() as conn:
-            return [row[0] for row in self._rows(conn, "console_dead_letter_tasks")]
+            return self.admin.store.console_dead_letter_tasks(conn)
 
     def count(self, filter: Filter) -> int:
         return self.admin.count(filter)
@@ -183,18 +178,16 @@ class Console:
 
     def workers(self, limit: int = 200) -> dict:
         with self.admin.session() as conn:
-            holders = self._rows(conn, "console_lease_holders")
-            leases = self._rows(conn, "console_leases", limit=limit)
+            holders = self.admin.store.console_lease_holders(conn)
+            leases = self.admin.store.console_leases(conn, limit=limit)
         result = []
         for leased_by, since, count, queues in holders:
             worker, _, pid = (leased_by or "").rpartition("[")
             parsed_pid = int(pid[:-1]) if leased_by and pid.endswith("]") and pid[:-1].isdigit() else None
             result.append(dataclasses.asdict(Holder(
                 leased_by, (worker if parsed_pid is not None else leased_by) or None, parsed_pid,
-                since, count, list(queues))))
-        return {"holders": result,
-                "leases": [dict(zip(("message_id", "queue", "task_id", "task_name", "leased_by",
-                                     "leased_at", "leased_until", "attempt"), row)) for row in leases]}
+                since, count, queues)))
+        return {"holders": result, "leases": [lease._asdict() for lease in leases]}
 
     def task(self, task_id: str) -> dict:
         lookup = self.admin.task(task_id)
