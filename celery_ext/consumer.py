@@ -27,6 +27,8 @@ from kombu.exceptions import ContentDisallowed, DecodeError
 
 from kombu_pg.config import ConfigurationError
 from kombu_pg.database import error_entry
+from kombu_pg.messages import delivery
+from kombu_pg.reasons import Reason
 from kombu_pg.transport import Channel, parse_tag
 
 from . import retries, revoke
@@ -148,7 +150,7 @@ def _guarded_process_task(process):
                 raise
             logger.error("kombu_pg: task %s[%s] cannot be run (%s: %s): moving it to the dead letters",
                          req.name, req.id, type(exc).__name__, exc)
-            dead_letter(req.message, "undecodable", exc)
+            dead_letter(req.message, Reason.undecodable, exc)
             state.task_ready(req)
             req.reject(requeue=False)  # settles the delivery (its lease is gone already)
             try:
@@ -175,7 +177,7 @@ def _request_on_failure(method):
         exc = getattr(exc, "exc", exc)
         if isinstance(exc, (DecodeError, ContentDisallowed)):
             # Protocol 2 bodies are decoded in the pool, so a corrupt body fails there.
-            dead_letter(self.message, "undecodable", exc)
+            dead_letter(self.message, Reason.undecodable, exc)
         elif (isinstance(exc, WorkerLostError) and self.task.acks_late and self.task.reject_on_worker_lost
               and not getattr(self, "_already_revoked", False)):  # revoke(terminate=True): no attempt
             outcome = _record_failed_attempt(self, exc)
@@ -209,7 +211,7 @@ def _record_failed_attempt(request, exc) -> dict | None:
     if not isinstance(channel, Channel):
         return
     message_id, token = parse_tag(message.delivery_tag)
-    queue = (message.delivery_info.get("kombu_pg") or {}).get("queue", "")
+    queue = delivery(message.delivery_info).get("queue", "")
     try:
         outcome = channel.db.fail(message_id, token, error_entry(type(exc).__name__, str(exc),
                                                                   worker=request.hostname),
@@ -276,11 +278,11 @@ def dead_letter_unrunnable_messages() -> None:
     worker's hand-over to the pool (celery_ext.patches)."""
     if getattr(Consumer.on_decode_error, "_kombu_pg", False):
         return
-    Consumer.on_decode_error = _before(Consumer.on_decode_error, "undecodable")
-    Consumer.on_unknown_task = _before(Consumer.on_unknown_task, "unregistered")
+    Consumer.on_decode_error = _before(Consumer.on_decode_error, Reason.undecodable)
+    Consumer.on_unknown_task = _before(Consumer.on_unknown_task, Reason.unregistered)
     # Neither can become a task request: one reason for every message Celery cannot read.
-    Consumer.on_unknown_message = _before(Consumer.on_unknown_message, "undecodable")
-    Consumer.on_invalid_task = _before(Consumer.on_invalid_task, "undecodable")
+    Consumer.on_unknown_message = _before(Consumer.on_unknown_message, Reason.undecodable)
+    Consumer.on_invalid_task = _before(Consumer.on_invalid_task, Reason.undecodable)
     Consumer.create_task_handler = _guarded_task_handler(Consumer.create_task_handler)
     WorkController._process_task = _guarded_process_task(WorkController._process_task)
 

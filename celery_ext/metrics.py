@@ -50,6 +50,8 @@ import threading
 
 from celery import bootsteps
 
+from kombu_pg.messages import queue_of
+
 from . import patches
 
 logger = logging.getLogger(__name__)
@@ -189,9 +191,7 @@ def _exception_of(exc_info):
 
 
 def _queue_of(request) -> str:
-    message = getattr(request, "message", None)
-    info = getattr(message, "delivery_info", None) or {}
-    return (info.get("kombu_pg") or {}).get("queue") or info.get("routing_key") or ""
+    return queue_of(getattr(getattr(request, "message", None), "delivery_info", None))
 
 
 def _observing(on_success):

@@ -17,6 +17,8 @@ import traceback
 from celery.exceptions import Ignore, MaxRetriesExceededError, Reject, Retry
 
 from kombu_pg.database import error_entry
+from kombu_pg import messages
+from kombu_pg.reasons import Reason
 from kombu_pg.transport import Transport
 
 # Not __name__: the README documents the "kombu_pg" logger for every transition of a message
@@ -60,9 +62,9 @@ def delivery_of(task) -> dict | None:
     request = task.request
     if request.is_eager:
         return None
-    info = (getattr(request, "properties", None) or {}).get("delivery_info") or request.delivery_info or {}
-    delivery = info.get("kombu_pg")
-    return delivery if delivery and delivery.get("token") else None
+    ours = messages.delivery((getattr(request, "properties", None) or {}).get("delivery_info")
+                             or request.delivery_info)
+    return ours if ours.get("token") else None
 
 
 def error_of(task, exc: BaseException) -> dict:
@@ -95,14 +97,14 @@ def wrap(task) -> None:
             raise
         except Reject as exc:
             if not exc.requeue:
-                _dead_letter(task, "rejected", exc)
+                _dead_letter(task, Reason.rejected, exc)
             raise
         except MaxRetriesExceededError as exc:
-            _dead_letter(task, "max_retries", exc)
+            _dead_letter(task, Reason.max_retries, exc)
             raise
         except Exception as exc:
             if getattr(task.request, "_kombu_pg_retries_exhausted", False):
-                _dead_letter(task, "max_retries", exc)
+                _dead_letter(task, Reason.max_retries, exc)
                 raise
             retry_at = _fail(task, exc)
             if retry_at is None:
@@ -138,7 +140,7 @@ def _fail(task, exc):
     logger.error("kombu_pg: task %s[%s] failed (attempt %d of %d, queue %r): %r; dead-lettered "
                  "(max_attempts) as #%s", task.name, task.request.id, outcome["attempt"],
                  outcome["max_attempts"], delivery["queue"], exc, outcome["dead_letter_id"])
-    _mark_dead_lettered(exc, "max_attempts")
+    _mark_dead_lettered(exc, Reason.max_attempts)
     return None
 
 

@@ -17,6 +17,7 @@ from celery.backends.base import DisabledBackend
 from celery.worker import state as worker_state
 
 from kombu_pg import revocation
+from kombu_pg.messages import delivery
 from kombu_pg.transport import Channel
 
 logger = logging.getLogger(__name__)
@@ -97,8 +98,7 @@ def note_flagged(message) -> None:
     """A message the claim flagged as revoked durably: its id joins the worker's in-memory
     revoked set, so that Celery drops it as any revoked task (logs "Discarding revoked task",
     marks it REVOKED, sends task-revoked, acks it, which deletes the row)."""
-    info = (getattr(message, "delivery_info", None) or {}).get("kombu_pg") or {}
-    if info.get("revoked"):
+    if delivery(getattr(message, "delivery_info", None)).get("revoked"):
         task_id = (message.headers or {}).get("id")
         if isinstance(task_id, str):
             worker_state.revoked.add(task_id)

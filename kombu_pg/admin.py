@@ -21,6 +21,7 @@ import psycopg
 
 from . import config, counters, pooler, revocation
 from . import migrate as migrations
+from .reasons import REASONS, Reason  # noqa: F401 (API)
 from .store import store_for
 from .store.records import (DeadLetterSummary, Filter, QueueCount, Revocation,  # noqa: F401 (API)
                             TaskMessage)
@@ -28,9 +29,6 @@ from .store.records import (DeadLetterSummary, Filter, QueueCount, Revocation,  
 logger = logging.getLogger(__name__)
 
 
-#: Why a message was dead-lettered: the values of ``dead_letters.reason``.
-REASONS = ("max_attempts", "lease_expired", "max_retries", "rejected", "unregistered",
-           "undecodable", "expired")
 
 #: What PostgreSQL says when a statement names a table, column or function the schema lacks.
 _MISSING_OBJECT = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn,

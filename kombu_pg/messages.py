@@ -150,11 +150,11 @@ def to_message(queue: str, codecs: Mapping[str, Any], message_id: int, token: st
         info = props["delivery_info"] = {}
     info["redelivered"] = delivery_count > 1 or released
     # Celery hooks read these from request.properties['delivery_info'].
-    info["kombu_pg"] = {"id": message_id, "token": str(token) if token else None,
+    info[DELIVERY_KEY] = {"id": message_id, "token": str(token) if token else None,
                         "queue": queue, "delivery_count": delivery_count}
     task_id = (message.get("headers") or {}).get("id")
     if revoked:  # revoked durably (kombu_pg.revocation): the Celery integration drops it
-        info["kombu_pg"]["revoked"] = True
+        info[DELIVERY_KEY]["revoked"] = True
         logger.info("kombu_pg: message %s of queue %r carries task %s, which was revoked",
                     message_id, queue, task_id)
     if info["redelivered"]:
@@ -164,3 +164,19 @@ def to_message(queue: str, codecs: Mapping[str, Any], message_id: int, token: st
         logger.debug("kombu_pg: delivered message %s (task %s) of queue %r, attempt %d",
                      message_id, task_id, queue, delivery_count)
     return message
+
+
+#: The key of ``delivery_info`` under which a claimed message carries its row: id, lease token,
+#: queue, delivery count and the revoked flag (see to_message). Settling, retries, dead letters
+#: and metrics read it through ``delivery`` and ``queue_of``.
+DELIVERY_KEY = "kombu_pg"
+
+
+def delivery(info: dict | None) -> dict:
+    """Our part of a message's ``delivery_info``; empty for a message of another broker."""
+    return (info or {}).get(DELIVERY_KEY) or {}
+
+
+def queue_of(info: dict | None) -> str:
+    """The queue a message was claimed from (another broker's: its routing key)."""
+    return delivery(info).get("queue") or (info or {}).get("routing_key") or ""

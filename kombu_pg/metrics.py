@@ -46,7 +46,7 @@ from prometheus_client.registry import Collector
 from . import config, counters
 from .admin import Admin
 
-logger = logging.getLogger("kombu_pg")
+logger = logging.getLogger(__name__)
 
 PREFIX = "kombu_pg"
 DEFAULT_PORT = 9808

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import psycopg
 
+from . import lock_keys
 from .config import ConfigurationError, Options
 from .store import migrations_dir, store_for
 
 logger = logging.getLogger(__name__)
 
 _FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
-# Arbitrary constant: the first key of the two-int advisory lock that serializes migrations.
-_LOCK_NAMESPACE = 0x6B706D67  # "kpmg"
 #: The fix named by every error here: who may apply migrations, and how.
 FIX = ("run `kombu-pg migrate` as a role that may create the schema (the auto_migrate transport "
        "option makes clients migrate on connect, which needs such a role)")
@@ -75,14 +74,14 @@ class _LockTimeout(Exception):
 
 def _lock(conn: psycopg.Connection, schema: str, timeout: float) -> None:
     try:
-        store_for(schema).migrate_lock(conn, namespace=_LOCK_NAMESPACE,
+        store_for(schema).migrate_lock(conn, namespace=lock_keys.MIGRATIONS,
                                        timeout=f"{max(1, round(timeout * 1000))}ms")
     except psycopg.errors.LockNotAvailable:
         raise _LockTimeout() from None
 
 
 def _holders(conn: psycopg.Connection, schema: str) -> str:
-    rows = store_for(schema).migrate_lock_holders(conn, namespace=_LOCK_NAMESPACE)
+    rows = store_for(schema).migrate_lock_holders(conn, namespace=lock_keys.MIGRATIONS)
     held = [f"pid {pid}, role {user!r}" + (f", application {app!r}" if app else "") for pid, user, app in rows]
     return "held by " + "; ".join(held) if held else "its holder is gone now"
 

@@ -9,7 +9,8 @@ from typing import Any, TypeVar
 
 import click
 
-from ..admin import REASONS, Admin, Filter
+from ..admin import Admin, Filter
+from ..reasons import REASONS
 from .common import Duration, run, target, target_options
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -6,10 +6,8 @@ from typing import Any
 
 import psycopg
 
+from .. import lock_keys
 from ._base import Statements
-
-#: Arbitrary constant: first key of the advisory lock serializing config syncs (as migrations').
-SYNC_LOCK_NAMESPACE = 0x6B706762  # "kpgb"
 
 
 class BeatStatements(Statements):
@@ -35,7 +33,7 @@ class BeatStatements(Statements):
         return bool(conn.execute(self.q.beat_replace_entry, definition).rowcount)
 
     def beat_sync_lock(self, conn: psycopg.Connection) -> None:
-        conn.execute(self.q.beat_sync_lock, {"namespace": SYNC_LOCK_NAMESPACE, "schema": self.schema})
+        conn.execute(self.q.beat_sync_lock, {"namespace": lock_keys.BEAT_CONFIG_SYNC, "schema": self.schema})
 
     def beat_upsert_config_entry(self, conn: psycopg.Connection, definition: dict[str, Any]) -> bool | None:
         """True: added, False: its definition changed, None: unchanged."""
