@@ -7,7 +7,8 @@ import dataclasses
 from flask import (Blueprint, current_app, flash, g, redirect, render_template, request,
                    url_for)
 
-from ..admin import REASONS, Filter
+from ..admin import Filter
+from ..reasons import REASONS
 from . import params, security
 from .data import RATE_EVENTS, Console, NotFound
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from ..admin import REASONS, Filter
+from ..admin import Filter
+from ..reasons import REASONS
 
 DEAD_LETTER_PARAMS = ("queue", "task", "reason", "replayed", "after", "limit")
 REPLAYED = {"no": False, "yes": True, "all": None}

@@ -22,7 +22,7 @@ import secrets
 
 from flask import Request, session
 
-logger = logging.getLogger("kombu_pg.web")
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
