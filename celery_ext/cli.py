@@ -12,7 +12,7 @@ from kombu_pg import config
 from . import revoke
 
 
-@click.group(name="pg", help="kombu-pg broker commands (migrate, grants, stats, dlq, task, revoke, purge, beat, metrics) for this app's broker.")
+@click.group(name="pg", help="kombu-pg broker commands (migrate, grants, stats, dlq, task, revoke, purge, beat, metrics, web) for this app's broker.")
 @click.pass_context
 @handle_preload_options
 def pg(ctx):

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from . import migrate, pooler
+from . import migrate, minute_stats, pooler
 from .config import ConfigurationError, Options, mask_url, scrub, to_conninfo
 from .deadline import watchdog
 from .failover import ReadOnlyServer, writable
@@ -201,6 +201,7 @@ class Connections:
             if missing:
                 migrate.migrate(conn, self.options.schema, self.options.migrate_lock_timeout)
         self._ready = True
+        minute_stats.watch(self)  # this process's counts, flushed to queue_stats once a minute
 
     def run(self, query: str | PreparedStatement, params: Any = None, *, fetch: bool = False):
         """Execute one statement on a pooled connection: rows if ``fetch``, else the row count.

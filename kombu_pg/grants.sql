@@ -31,3 +31,6 @@ GRANT SELECT, UPDATE ON {schema}.housekeeper TO {role};
 
 -- The NOTIFY payload of publishes (PUBLIC may execute functions by default; not everywhere).
 GRANT EXECUTE ON FUNCTION {schema}.wake_payload(timestamptz) TO {role};
+
+-- Per-minute event counts (migration 0009): every process adds its own, and prunes old ones.
+GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.queue_stats TO {role};

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from . import beat, dlq, metrics, migrate, queues
+from . import beat, dlq, metrics, migrate, queues, web
 from .common import AppBroker, Target, target_options, use_app_broker
 
 __all__ = ["COMMANDS", "AppBroker", "Target", "main", "use_app_broker"]
@@ -21,6 +21,6 @@ def main() -> None:
 
 COMMANDS: tuple[click.Command, ...] = (
     migrate.migrate, migrate.grants_command, queues.stats, dlq.dlq, metrics.metrics_command,
-    queues.task_command, queues.revoke_command, queues.purge_command, beat.beat)
+    queues.task_command, queues.revoke_command, queues.purge_command, beat.beat, web.web)
 for _command in COMMANDS:
     main.add_command(_command)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 
 from .beat import BeatStatements
+from .console import ConsoleStatements
 from .messages import MessageStatements
 from .operator import OperatorStatements
 from ..queries import migrations_dir
@@ -25,7 +26,8 @@ from .upkeep import UpkeepStatements
 __all__ = ["Store", "migrations_dir", "store_for"]
 
 
-class Store(MessageStatements, OperatorStatements, UpkeepStatements, BeatStatements):
+class Store(MessageStatements, OperatorStatements, UpkeepStatements, BeatStatements,
+            ConsoleStatements):
     """Every statement of the broker, for one schema."""
 
 
