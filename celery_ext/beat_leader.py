@@ -8,6 +8,7 @@ succeeds for the holder of an unexpired lease on the very session it was granted
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -15,6 +16,7 @@ from psycopg.conninfo import conninfo_to_dict
 from kombu_pg.beat_store import BeatStore, LeaderRow
 from kombu_pg.config import scrub
 from kombu_pg.database import Database
+from kombu_pg.store import store_for
 
 from .beat_entries import iso
 
@@ -40,14 +42,12 @@ class Leadership:
     def connect(self) -> None:
         assert self.db is not None
         given = conninfo_to_dict(self.conninfo)
-        extra: dict[str, int] = {"keepalives": 1, "keepalives_idle": max(1, int(self.lease / 2)), "keepalives_interval": 1,
-                 "keepalives_count": 3}
-        conn = self.db.connect(self.conninfo, role="beat", **{k: v for k, v in extra.items() if k not in given})  # type: ignore[arg-type]
+        extra: dict[str, Any] = {"keepalives": 1, "keepalives_idle": max(1, int(self.lease / 2)),
+                                 "keepalives_interval": 1, "keepalives_count": 3}
+        conn = self.db.connect(self.conninfo, role="beat", **{k: v for k, v in extra.items() if k not in given})
         # Nothing may outlast the lease: a statement, a lock wait, a transaction left open by a
         # leader that hangs (which would hold an entry's row lock against its successor).
-        limit = f"{int(self.lease * 1000)}ms"
-        conn.execute("SELECT set_config('statement_timeout', %s, false), set_config('lock_timeout', %s, false),"
-                     " set_config('idle_in_transaction_session_timeout', %s, false)", (limit, limit, limit))
+        store_for(self.db.options.schema).beat_session_setup(conn, limit=f"{int(self.lease * 1000)}ms")
         self.conn = conn
 
     def elect(self, store: BeatStore, schema: str, started: float) -> tuple[LeaderRow, bool]:
