@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import threading
+import types
 from typing import Any
 
 import psycopg
@@ -19,7 +20,7 @@ from .config import ConfigurationError, Options, mask_url, scrub, to_conninfo
 from .deadline import watchdog
 from .failover import ReadOnlyServer, writable
 from .prepared import Pending, PreparedStatement
-from .queries import Queries, for_schema
+from .store import Store, store_for
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ class Connections:
         self.conninfo = conninfo
         self.options = options
         self.description = description  # the masked URL, for messages
-        self.q: Queries = for_schema(options.schema)
+        #: Every statement of the schema (the hot ones through :attr:`prepared`).
+        self.store: Store = store_for(options.schema)
         #: Straight to PostgreSQL, for what needs a session behind a transaction pooler.
         self.direct_conninfo = to_conninfo(options.direct_url) if options.direct_url else None
         self._pooled = {"transaction": True, "none": False}.get(options.pooler)  # None: detect
@@ -62,7 +64,7 @@ class Connections:
     def _detect_pooler(self) -> bool:
         with self._open(self.conninfo, "probe", prepare_threshold=None) as conn:
             with watchdog.guard(conn, self.options.statement_deadline):
-                found = pooler.detect(conn, self.q)
+                found = pooler.detect(conn, self.store)
         if found:
             logger.info("kombu_pg: %s leads to a pooler: no prepared statements, no session "
                         "settings; LISTEN and beat's leader election use direct_url (set the "
@@ -73,9 +75,13 @@ class Connections:
     def prepared(self) -> dict[str, PreparedStatement]:
         """The hot path, without psycopg's execute machinery (see prepared.py). Named, unless
         behind a transaction pooler, whose clients share server connections and their names."""
-        prefix = None if self.pooled else "kombu_pg_"
-        return {name: PreparedStatement(prefix and prefix + name, getattr(self.q, name))
-                for name in ("publish_direct", "publish_routed", "claim", "claim_no_ack")}
+        return self.store.prepared(None if self.pooled else "kombu_pg_")
+
+    @functools.cached_property
+    def q(self) -> types.SimpleNamespace:
+        """Transitional, for celery_ext (inspect scheduled, durable revoke) until it calls
+        :attr:`store`: the schema and the statement texts by name. Nothing in kombu_pg reads it."""
+        return types.SimpleNamespace(schema=self.options.schema, **self.store.queries.texts)
 
     def session_conninfo(self, feature: str) -> str:
         """Where ``feature``, which needs a session of its own, connects: direct_url, else the
@@ -118,7 +124,7 @@ class Connections:
     def _configure(self, conn: psycopg.Connection) -> None:
         """Session settings of every connection (the pool's too)."""
         with watchdog.guard(conn, self.options.statement_deadline):
-            conn.execute(self.q.session_setup, self.options.session_params())
+            self.store.session_setup(conn, **self.options.session_params())
 
     @property
     def pool(self) -> ConnectionPool:
