@@ -18,7 +18,6 @@ import psycopg
 
 from .deadline import watchdog
 from .failover import writable
-from .store import store_for
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +109,7 @@ class LeaseKeeper:
         if self._conn is None or self._conn.closed:
             self._conn = self.db.connect(role="lease")
         with writable(self._conn), watchdog.guard(self._conn, self.db.options.statement_deadline):
-            return store_for(self.db.options.schema).renew(
+            return self.db.store.renew(
                 self._conn, ids=ids, tokens=tokens, lease_seconds=self.lease_seconds,
                 synchronous_commit=self.db.lease_commit)
 
