@@ -73,7 +73,8 @@ class BeatStatements(Statements):
                                                        "next": next_at, "me": me, "runs": runs}).rowcount)
 
     def beat_record_tick(self, conn: psycopg.Connection, *, name: str, slot: dt.datetime, me: str) -> bool:
-        return conn.execute(self.sql["beat_record_tick"], {"name": name, "slot": slot, "me": me}).fetchone() is not None
+        row = conn.execute(self.sql["beat_record_tick"], {"name": name, "slot": slot, "me": me}).fetchone()
+        return row is not None
 
     def beat_set_tick_task(self, conn: psycopg.Connection, *, name: str, slot: dt.datetime,
                            task_id: str | None) -> None:

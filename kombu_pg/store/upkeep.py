@@ -38,7 +38,8 @@ class UpkeepStatements(Statements):
     def migrate_lock(self, conn: psycopg.Connection, *, namespace: int, timeout: str) -> None:
         """Take the schema's migration lock for this transaction, waiting at most ``timeout``
         ('1500ms'): LockNotAvailable then. The migrations' own waits are unbounded again after."""
-        conn.execute(self.sql["migrate_lock"], {"timeout": timeout, "namespace": namespace, "schema": self.schema})
+        conn.execute(self.sql["migrate_lock"],
+                     {"timeout": timeout, "namespace": namespace, "schema": self.schema})
         conn.execute(self.sql["migrate_lock_taken"])  # two statements: the simple protocol, no parameters
 
     def migrate_lock_holders(self, conn: psycopg.Connection, *, namespace: int) -> list[LockHolder]:
