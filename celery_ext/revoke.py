@@ -59,7 +59,7 @@ def revoke(app, task_ids: list[str], connection=None) -> list[revocation.Outcome
             return []
         db = channel.db
         with db.connection() as pg:
-            outcomes = revocation.revoke(pg, db.q, task_ids, expires=db.options.revoke_expires)
+            outcomes = revocation.revoke(pg, db.store, task_ids, expires=db.options.revoke_expires)
     removed = sorted({o.task_id for o in outcomes if o.removed})
     for o in outcomes:
         logger.info("kombu_pg: revoked task %s: %s", o.task_id,

@@ -56,7 +56,7 @@ def from_table(state, transport, skip: set) -> list[dict]:
     if not queues:
         return []
     db = transport.db
-    rows = db.run(db.q.scheduled, {"queues": queues, "limit": LIMIT}, fetch=True)
+    rows = db.store.scheduled(db, queues=queues, limit=LIMIT)
     accept = prepare_accept_content(state.app.conf.accept_content)
     entries = []
     for message_id, queue, priority, visible_at, payload, delivery_count in rows:

@@ -17,7 +17,6 @@ import logging
 import threading
 
 from . import counters
-from .store import store_for
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ class Acker:
         ids = [m for m, _, _ in batch]
         try:
             # On a pooled connection, retried on a fresh one if it broke (Database.run).
-            deleted = store_for(self.db.options.schema).ack(self.db, ids=ids, tokens=[t for _, t, _ in batch])
+            deleted = self.db.store.ack(self.db, ids=ids, tokens=[t for _, t, _ in batch])
         except Exception as exc:
             logger.warning("kombu_pg: %d ack(s) could not be written (%s): trying again; their "
                            "leases stay renewed meanwhile", len(batch), " ".join(str(exc).split()))

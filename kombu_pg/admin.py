@@ -108,7 +108,7 @@ class Admin:
         except psycopg.OperationalError as exc:
             raise psycopg.OperationalError(
                 f"cannot connect to {self.description}: {config.scrub(str(exc), self.conninfo)}") from None
-        if not pooler.detect(conn, self.store.q):
+        if not pooler.detect(conn, self.store):
             self.store.session_setup(conn, **self.options.session_params())
         return conn
 
@@ -214,7 +214,7 @@ class Admin:
         Tasks removed here are marked REVOKED in the result backend by the next housekeeping
         round of a worker, unless the caller does (``marked``)."""
         with self.connect() as conn:
-            outcomes = revocation.revoke(conn, self.store.q, task_ids, expires=expires, unmarked=not marked)
+            outcomes = revocation.revoke(conn, self.store, task_ids, expires=expires, unmarked=not marked)
         logger.info("kombu_pg: revoked %s: removed %d waiting message(s)", ", ".join(map(str, task_ids)),
                     sum(o.removed for o in outcomes))
         return outcomes

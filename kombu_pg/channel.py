@@ -13,9 +13,10 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.transport.virtual.exchange import TopicExchange
 
 from . import atomic, config, counters
-from .connections import CONNECTION_ERRORS
+from .errors import CONNECTION_ERRORS
 from .database import error_entry
-from .messages import MAX_PRIORITY, Claimed, parse_tag, publish_params, to_message
+from .messages import MAX_PRIORITY, Claimed, delivery, parse_tag, publish_params, queue_of, to_message
+from .reasons import Reason
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +57,13 @@ class QoS(virtual.QoS):
             # The delivery still counts, so a consumer that always requeues ends in the dead letters.
             db.requeue(message_id, token, self._queue_of(delivery_tag))
         else:
-            db.dead_letter(message_id, token, "rejected",
+            db.dead_letter(message_id, token, Reason.rejected,
                            error_entry("Rejected", "rejected without requeue by the consumer"))
         self._quick_ack(delivery_tag)
 
     def _queue_of(self, delivery_tag) -> str:
-        message = self._delivered.get(delivery_tag)
-        info = message.delivery_info if message is not None else {}
-        return (info.get("kombu_pg") or {}).get("queue") or info.get("routing_key") or ""
+        message = self._delivered.get(delivery_tag)  # type: ignore[attr-defined]  # Kombu: None until __init__
+        return queue_of(message.delivery_info if message is not None else None)
 
 
 class Channel(virtual.Channel):
@@ -98,7 +98,8 @@ class Channel(virtual.Channel):
             statement, params = "publish_direct", dict(params, queue=routing_key)
         external = atomic.current()
         if external is not None:  # inside enqueue_in(): the application's transaction
-            queues = external.execute(getattr(self.db.q, statement), dict(params, notify=True)).fetchall()
+            queues = [(queue, None) for queue in
+                      self.db.store.publish(external, statement, dict(params, notify=True))]
         elif exchange and self.db.unroutable((exchange, routing_key)):
             queues = []  # as the last publish there: no queue takes it (Celery's idle heartbeats)
         else:
@@ -172,9 +173,9 @@ class Channel(virtual.Channel):
         try:
             if token is None:  # a no-ack claim deleted the row already: keep what it returned
                 self.db.dead_letter_taken(message_id, queue, priority, delivery_count, payload,
-                                          "undecodable", error)
+                                          Reason.undecodable, error)
             else:
-                self.db.dead_letter(message_id, token, "undecodable", error)
+                self.db.dead_letter(message_id, token, Reason.undecodable, error)
         except Exception as db_exc:  # never the consumer's end either
             logger.error("kombu_pg: could not dead-letter message %s (%s)%s", message_id, db_exc,
                          "" if token is None else ": it comes back when its lease expires")
@@ -228,12 +229,12 @@ class Channel(virtual.Channel):
             logger.info("kombu_pg: message %s is still being processed: keeping its lease", message_id)
             return
         try:
-            if self.db.run(self.db.q.release, {"ids": [message_id], "tokens": [token],
-                                               "channel": self.options.notify_channel}, fetch=True):
-                counters.add("released", (message.delivery_info.get("kombu_pg") or {}).get("queue", ""))
+            if self.db.store.release(self.db, ids=[message_id], tokens=[token],
+                                     channel=self.options.notify_channel):
+                counters.add("released", delivery(message.delivery_info).get("queue", ""))
             logger.info("kombu_pg: released message %s (task %s) unprocessed, back in queue %r",
                         message_id, (message.headers or {}).get("id"),
-                        (message.delivery_info.get("kombu_pg") or {}).get("queue"))
+                        delivery(message.delivery_info).get("queue"))
         except CONNECTION_ERRORS as exc:
             logger.warning("kombu_pg: could not release message %s (%s): it is redelivered when "
                            "its lease expires", message_id, exc)
@@ -251,13 +252,12 @@ class Channel(virtual.Channel):
         check_queue_name(queue)
         arguments = arguments or {}
         overrides = self.options.queue_options.get(queue, {})
-        self.db.run(self.db.q.declare_queue, {
-            "queue": queue, "durable": bool(durable), "auto_delete": bool(auto_delete),
-            "expires_ms": arguments.get("x-expires"), "message_ttl_ms": arguments.get("x-message-ttl"),
+        self.db.store.declare_queue(
+            self.db, queue=queue, durable=bool(durable), auto_delete=bool(auto_delete),
+            expires_ms=arguments.get("x-expires"), message_ttl_ms=arguments.get("x-message-ttl"),
             # Stored with the queue so that reapers in other processes apply the same policy.
-            "max_attempts": overrides.get("max_attempts"), "backoff_base": overrides.get("backoff_base"),
-            "backoff_cap": overrides.get("backoff_cap"),
-        })
+            max_attempts=overrides.get("max_attempts"), backoff_base=overrides.get("backoff_base"),
+            backoff_cap=overrides.get("backoff_cap"))
         if auto_delete:
             self._auto_delete_queues.add(queue)
         interval = self.polled_interval(durable, auto_delete, arguments.get("x-message-ttl"))
@@ -272,16 +272,16 @@ class Channel(virtual.Channel):
         return min(float(message_ttl_ms) / 2000, self.options.polling_interval)
 
     def _has_queue(self, queue, **kwargs):
-        return self.db.run(self.db.q.has_queue, {"queue": queue}, fetch=True)[0][0]
+        return self.db.store.has_queue(self.db, queue=queue)
 
     def _size(self, queue):
-        return self.db.run(self.db.q.size, {"queue": queue}, fetch=True)[0][0]
+        return self.db.store.size(self.db, queue=queue)
 
     def _purge(self, queue):
-        return self.db.run(self.db.q.purge, {"queue": queue})
+        return self.db.store.purge(self.db, queue=queue)
 
     def _delete(self, queue, *args, **kwargs):
-        self.db.run(self.db.q.delete_queue, {"queue": queue})
+        self.db.store.delete_queue(self.db, queue=queue)
 
     def queue_delete(self, queue, if_unused=False, if_empty=False, **kwargs):
         if if_empty and self._size(queue):
@@ -305,16 +305,15 @@ class Channel(virtual.Channel):
         if type not in self.exchange_types:
             raise NotImplementedError(f"kombu_pg supports direct, topic and fanout exchanges, not {type!r}")
         super().exchange_declare(exchange, type, durable, auto_delete, arguments, nowait)
-        self.db.run(self.db.q.declare_exchange, {"exchange": exchange, "type": type,
-                                                 "durable": bool(durable), "auto_delete": bool(auto_delete)})
+        self.db.store.declare_exchange(self.db, exchange=exchange, type=type, durable=bool(durable),
+                                       auto_delete=bool(auto_delete))
 
     def exchange_delete(self, exchange, if_unused=False, nowait=False):
-        self.db.run(self.db.q.delete_exchange, {"exchange": exchange})
+        self.db.store.delete_exchange(self.db, exchange=exchange)
         self.state.exchanges.pop(exchange, None)
 
     def _stored_exchange_type(self, exchange) -> str | None:
-        rows = self.db.run(self.db.q.exchange_type, {"exchange": exchange}, fetch=True)
-        return rows[0][0] if rows else None
+        return self.db.store.exchange_type(self.db, exchange=exchange)
 
     def typeof(self, exchange, default="direct"):
         local = self.state.exchanges.get(exchange)
@@ -326,23 +325,21 @@ class Channel(virtual.Channel):
         exchange_type = self.typeof(exchange).type
         if exchange not in self.state.exchanges:
             # Bound without a declare in this process: make sure routing knows its type.
-            self.db.run(self.db.q.declare_exchange, {"exchange": exchange, "type": exchange_type,
-                                                     "durable": True, "auto_delete": False})
+            self.db.store.declare_exchange(self.db, exchange=exchange, type=exchange_type, durable=True,
+                                           auto_delete=False)
         pattern = TopicExchange(self).key_to_pattern(routing_key) if exchange_type == "topic" else ""
-        self.db.run(self.db.q.bind, {"exchange": exchange, "routing_key": routing_key or "",
-                                     "pattern": pattern, "queue": queue,
-                                     "channel": self.options.notify_channel})
+        self.db.store.bind(self.db, exchange=exchange, routing_key=routing_key or "", pattern=pattern,
+                           queue=queue, channel=self.options.notify_channel)
         self.db.bound()
         self.state.binding_declare(queue, exchange, routing_key, arguments)
 
     def queue_unbind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):
-        self.db.run(self.db.q.unbind, {"exchange": exchange or "amq.direct",
-                                       "routing_key": routing_key or "", "queue": queue})
+        self.db.store.unbind(self.db, exchange=exchange or "amq.direct", routing_key=routing_key or "",
+                             queue=queue)
         self.state.binding_delete(queue, exchange, routing_key)
 
     def get_table(self, exchange):
-        return [tuple(row) for row in
-                self.db.run(self.db.q.bindings_of_exchange, {"exchange": exchange}, fetch=True)]
+        return [tuple(row) for row in self.db.store.bindings_of_exchange(self.db, exchange=exchange)]
 
 
 

@@ -9,7 +9,7 @@ import collections
 import logging
 from typing import TYPE_CHECKING, Any, Callable
 
-from .connections import CONNECTION_ERRORS
+from .errors import CONNECTION_ERRORS
 from .messages import Claimed, parse_tag
 
 if TYPE_CHECKING:
@@ -140,8 +140,7 @@ class ClaimBuffer:
             ids.append(message_id)
             tokens.append(token)
         try:
-            self.db.run(self.db.q.release, {"ids": ids, "tokens": tokens,
-                                            "channel": self.options.notify_channel}, fetch=True)
+            self.db.store.release(self.db, ids=ids, tokens=tokens, channel=self.options.notify_channel)
         except CONNECTION_ERRORS as exc:
             logger.warning("kombu_pg: could not release %d message(s) (%s): they are redelivered "
                            "when their leases expire", len(ids), exc)

@@ -295,7 +295,7 @@ def masked(value, mask: str = "**"):
     return value
 
 
-def scrub(text: str, conninfo: str | None) -> str:
+def scrub(text: object, conninfo: str | None) -> str:
     """Remove the password of ``conninfo`` from a (libpq) error message."""
     password = _password_of(conninfo) if conninfo else None
     text = " ".join(str(text).split())  # one line

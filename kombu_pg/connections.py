@@ -17,15 +17,13 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from . import migrate, minute_stats, pooler
 from .config import ConfigurationError, Options, mask_url, scrub, to_conninfo
 from .deadline import watchdog
+from .errors import CONNECTION_ERRORS
 from .failover import ReadOnlyServer, writable
 from .prepared import Pending, PreparedStatement
-from .queries import Queries, for_schema
+from .store import Store, store_for
 
 logger = logging.getLogger(__name__)
 
-#: Errors after which the statement may be retried once on a fresh connection (ReadOnlyServer,
-#: a session on a server that accepts no writes, is an OperationalError).
-CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
 #: conninfo -> whether it leads to a pooler, as detected (forked children know it too).
 _pooler_seen: dict[str, bool] = {}
@@ -36,7 +34,8 @@ class Connections:
         self.conninfo = conninfo
         self.options = options
         self.description = description  # the masked URL, for messages
-        self.q: Queries = for_schema(options.schema)
+        #: Every statement of the schema (the hot ones through :attr:`prepared`).
+        self.store: Store = store_for(options.schema)
         #: Straight to PostgreSQL, for what needs a session behind a transaction pooler.
         self.direct_conninfo = to_conninfo(options.direct_url) if options.direct_url else None
         self._pooled = {"transaction": True, "none": False}.get(options.pooler)  # None: detect
@@ -62,7 +61,7 @@ class Connections:
     def _detect_pooler(self) -> bool:
         with self._open(self.conninfo, "probe", prepare_threshold=None) as conn:
             with watchdog.guard(conn, self.options.statement_deadline):
-                found = pooler.detect(conn, self.q)
+                found = pooler.detect(conn, self.store)
         if found:
             logger.info("kombu_pg: %s leads to a pooler: no prepared statements, no session "
                         "settings; LISTEN and beat's leader election use direct_url (set the "
@@ -73,9 +72,7 @@ class Connections:
     def prepared(self) -> dict[str, PreparedStatement]:
         """The hot path, without psycopg's execute machinery (see prepared.py). Named, unless
         behind a transaction pooler, whose clients share server connections and their names."""
-        prefix = None if self.pooled else "kombu_pg_"
-        return {name: PreparedStatement(prefix and prefix + name, getattr(self.q, name))
-                for name in ("publish_direct", "publish_routed", "claim", "claim_no_ack")}
+        return self.store.prepared(None if self.pooled else "kombu_pg_")
 
     def session_conninfo(self, feature: str) -> str:
         """Where ``feature``, which needs a session of its own, connects: direct_url, else the
@@ -118,7 +115,7 @@ class Connections:
     def _configure(self, conn: psycopg.Connection) -> None:
         """Session settings of every connection (the pool's too)."""
         with watchdog.guard(conn, self.options.statement_deadline):
-            conn.execute(self.q.session_setup, self.options.session_params())
+            self.store.session_setup(conn, **self.options.session_params())
 
     @property
     def pool(self) -> ConnectionPool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import datetime as dt
-import json
 import logging
 import os
 import socket
@@ -22,6 +21,7 @@ from .config import Options
 from .connections import Connections
 from .leases import LeaseKeeper
 from .maintenance import Maintenance
+from .reasons import Reason
 from .vacuum import Vacuumer
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class Database(Connections):
     # -- settling by lease: usable from any process that knows (id, token) ---------------------
 
     def fail(self, message_id: int, token: str, error: dict, *, queue: str,
-             dead_reason: str = "max_attempts", max_attempts: int | None = None,
+             dead_reason: str = Reason.max_attempts, max_attempts: int | None = None,
              backoff_base: float | None = None, backoff_cap: float | None = None) -> dict | None:
         """Record a failed attempt: retry after backoff, or dead-letter at the cap.
 
@@ -114,17 +114,14 @@ class Database(Connections):
         lease is no longer ours (nothing was changed).
         """
         policy = self.options.policy(queue)
-        rows = self.run(self.q.fail, {
-            "id": message_id, "token": token, "error": json.dumps([error], default=str),
-            "dead_reason": dead_reason, "max_attempts": max_attempts, "channel": self.options.notify_channel,
-            "backoff_base": backoff_base, "backoff_cap": backoff_cap,
-            "default_max_attempts": policy["max_attempts"],
-            "default_backoff_base": policy["backoff_base"],
-            "default_backoff_cap": policy["backoff_cap"],
-        }, fetch=True)
-        if not rows:
+        failed = self.store.fail(
+            self, id=message_id, token=token, error=error, dead_reason=dead_reason,
+            max_attempts=max_attempts, backoff_base=backoff_base, backoff_cap=backoff_cap,
+            default_max_attempts=policy["max_attempts"], default_backoff_base=policy["backoff_base"],
+            default_backoff_cap=policy["backoff_cap"], channel=self.options.notify_channel)
+        if failed is None:
             return None
-        attempt, cap, dead_letter_id, retry_at, _ = rows[0]
+        attempt, cap, dead_letter_id, retry_at = failed
         self.leases.forget([message_id])
         counters.add("dead_lettered" if dead_letter_id else "retried", queue)
         return {"attempt": attempt, "max_attempts": cap, "dead_letter_id": dead_letter_id,
@@ -133,13 +130,12 @@ class Database(Connections):
     def dead_letter(self, message_id: int, token: str, reason: str, error: dict) -> int | None:
         """Move a leased message to the dead letters; its id there, or None if not ours."""
         try:
-            rows = self.run(self.q.dead_letter, {"id": message_id, "token": token, "reason": reason,
-                                                 "error": json.dumps([error], default=str)}, fetch=True)
+            buried = self.store.dead_letter(self, id=message_id, token=token, reason=reason, error=error)
         finally:
             self.leases.forget([message_id])
-        if not rows:
+        if buried is None:
             return None
-        dead_letter_id, queue, task_id, attempts = rows[0]
+        dead_letter_id, queue, task_id, attempts = buried
         counters.add("dead_lettered", queue)
         logger.warning("kombu_pg: dead-lettered message %s (task %s) of queue %r after %d "
                        "attempt(s): %s", message_id, task_id, queue, attempts, reason)
@@ -148,9 +144,9 @@ class Database(Connections):
     def dead_letter_taken(self, message_id: int, queue: str, priority: int, attempts: int, payload: str,
                           reason: str, error: dict) -> int:
         """Dead-letter a message a no-ack claim already removed, from what the claim returned."""
-        [(dead_letter_id,)] = self.run(self.q.dead_letter_taken, {
-            "id": message_id, "queue": queue, "priority": priority, "attempts": attempts,
-            "payload": payload, "reason": reason, "error": json.dumps([error], default=str)}, fetch=True)
+        dead_letter_id = self.store.dead_letter_taken(
+            self, id=message_id, queue=queue, priority=priority, attempts=attempts, payload=payload,
+            reason=reason, error=error)
         counters.add("dead_lettered", queue)
         logger.warning("kombu_pg: dead-lettered message %s of queue %r: %s", message_id, queue, reason)
         return dead_letter_id
@@ -162,15 +158,14 @@ class Database(Connections):
         error = error_entry("Requeued", "requeued by the consumer at its last allowed delivery "
                                         "(max_attempts)")
         try:
-            rows = self.run(self.q.requeue, {
-                "id": message_id, "token": token, "error": json.dumps([error], default=str),
-                "default_max_attempts": self.options.policy(queue)["max_attempts"],
-                "channel": self.options.notify_channel}, fetch=True)
+            settled = self.store.requeue(self, id=message_id, token=token, error=error,
+                                         default_max_attempts=self.options.policy(queue)["max_attempts"],
+                                         channel=self.options.notify_channel)
         finally:
             self.leases.forget([message_id])
-        if not rows:
+        if settled is None:
             return None
-        attempt, cap, dead_letter_id, _ = rows[0]
+        attempt, cap, dead_letter_id = settled
         if dead_letter_id:
             counters.add("dead_lettered", queue)
             logger.warning("kombu_pg: message %s of queue %r requeued at delivery %d of %d: "

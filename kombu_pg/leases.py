@@ -17,8 +17,8 @@ import threading
 import psycopg
 
 from .deadline import watchdog
+from .errors import CONNECTION_ERRORS
 from .failover import writable
-from .store import store_for
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class LeaseKeeper:
         reused = self._conn is not None and not self._conn.closed
         try:
             renewed = self._renew(ids, tokens)
-        except (psycopg.OperationalError, psycopg.InterfaceError):
+        except CONNECTION_ERRORS:
             if not reused:
                 raise
             self._close()
@@ -110,7 +110,7 @@ class LeaseKeeper:
         if self._conn is None or self._conn.closed:
             self._conn = self.db.connect(role="lease")
         with writable(self._conn), watchdog.guard(self._conn, self.db.options.statement_deadline):
-            return store_for(self.db.options.schema).renew(
+            return self.db.store.renew(
                 self._conn, ids=ids, tokens=tokens, lease_seconds=self.lease_seconds,
                 synchronous_commit=self.db.lease_commit)
 

@@ -11,7 +11,6 @@ import select
 import psycopg
 
 from .failover import writable
-from .store import store_for
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +38,7 @@ class Listener:
         self.conn = self.db.connect(self.conninfo, role="listen")
         try:
             with writable(self.conn):
-                store_for(self.db.options.schema).listen(self.conn, channel=self.channel)
+                self.db.store.listen(self.conn, channel=self.channel)
         except psycopg.Error:
             self.close()
             raise

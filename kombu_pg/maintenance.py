@@ -31,6 +31,7 @@ import psycopg
 
 from . import config, counters
 from .deadline import watchdog
+from .store.records import ExpiredTask, Reaped
 
 if TYPE_CHECKING:
     from .connections import Connections
@@ -49,9 +50,9 @@ class Round:
 
     queues_gone: int  # messages of expired queues, deleted with them
     expired: int  # plain messages past their TTL, deleted
-    buried: list  # (message id, queue, task id) of expired tasks moved to the dead letters
-    reaped: list  # rows of the reap statement
-    to_mark_revoked: list  # ids of tasks a revoke removed that are not marked REVOKED yet
+    buried: list[ExpiredTask]  # expired tasks moved to the dead letters
+    reaped: list[Reaped]
+    to_mark_revoked: list[str]  # ids of tasks a revoke removed that are not marked REVOKED yet
 
 
 class Maintenance:
@@ -110,7 +111,7 @@ class Maintenance:
             return
         self._leader = False
         try:
-            self.db.run(self.db.q.housekeeper_resign, {"holder": self.holder})
+            self.db.store.housekeeper_resign(self.db, holder=self.holder)
         except Exception as exc:  # it runs out by itself
             logger.debug("kombu_pg: could not give up the housekeeper lease: %s", exc)
 
@@ -136,7 +137,7 @@ class Maintenance:
                 logger.error("kombu_pg: could not mark %d revoked task(s) REVOKED: %s",
                              len(done.to_mark_revoked), exc)
 
-    def _expired_unclaimed(self, buried: list[tuple], on_tasks_expired: TaskHook | None) -> None:
+    def _expired_unclaimed(self, buried: list[ExpiredTask], on_tasks_expired: TaskHook | None) -> None:
         for message_id, queue, task_id in buried:
             counters.add("dead_lettered", queue)
             logger.warning("kombu_pg: task %s (message %s) of queue %r expired and no consumer took it "
@@ -167,31 +168,29 @@ class Maintenance:
         return done
 
     def _round(self) -> Round | None:
-        db, q, options = self.db, self.db.q, self.options
+        db, store, options = self.db, self.db.store, self.options
         with db.connection() as conn, watchdog.guard(conn, options.statement_deadline), \
                 conn.transaction():
-            if conn.execute(q.housekeeper_renew, self.poll_params()).fetchone() is None:
+            if store.housekeeper_renew(conn, **self.poll_params()) is None:
                 return None
-            queues_gone = conn.execute(q.sweep_expired_queues, {
-                "auto_delete_expires_s": options.auto_delete_expires}).rowcount
-            expired = conn.execute(q.sweep_expired_messages, {}).rowcount
-            buried = conn.execute(q.sweep_expired_tasks, {
-                "grace_s": options.expired_task_grace, "limit": 1000}).fetchall()
+            queues_gone = store.sweep_expired_queues(conn, auto_delete_expires_s=options.auto_delete_expires)
+            expired = store.sweep_expired_messages(conn)
+            buried = store.sweep_expired_tasks(conn, grace_s=options.expired_task_grace, limit=1000)
             reaped = self._reap(conn)
-            conn.execute(q.sweep_revoked, {})
-            to_mark = [task_id for task_id, in conn.execute(q.revoked_to_mark, {"limit": 1000})]
-            returned = sorted({queue for outcome, _, queue, *_ in reaped if outcome == "returned"})
+            store.sweep_revoked(conn)
+            to_mark = store.revoked_to_mark(conn, limit=1000)
+            returned = sorted({row.queue for row in reaped if row.outcome == "returned"})
             if returned:  # nothing else tells their consumers: no NOTIFY marks a lease's end
-                conn.execute(q.wake_queues, {"channel": options.notify_channel, "queues": returned})
+                store.wake_queues(conn, queues=returned, channel=options.notify_channel)
         return Round(queues_gone, expired, buried, reaped, to_mark)
 
-    def _reap(self, conn: psycopg.Connection, limit: int = 1000) -> list[tuple]:
+    def _reap(self, conn: psycopg.Connection, limit: int = 1000) -> list[Reaped]:
         """Return expired leases to their queues, or dead-letter them at the delivery cap, on
         ``conn`` (in the round's transaction); log them with :meth:`_reaped`."""
-        return conn.execute(self.db.q.reap, {"limit": limit, "default_max_attempts": self.options.max_attempts,
-                                             "held": self.leases.held_ids()}).fetchall()
+        return self.db.store.reap(conn, limit=limit, default_max_attempts=self.options.max_attempts,
+                                  held=self.leases.held_ids())
 
-    def _reaped(self, rows: list[tuple]) -> None:
+    def _reaped(self, rows: list[Reaped]) -> None:
         for outcome, message_id, queue, task_id, attempt in rows:
             counters.add("dead_lettered" if outcome == "dead_lettered" else "released", queue)
             logger.warning("kombu_pg: lease of message %s (task %s, queue %r, attempt %d) expired: %s",

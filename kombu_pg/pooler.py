@@ -11,15 +11,14 @@ from __future__ import annotations
 import psycopg
 
 from .config import ConfigurationError
-from .queries import Queries
-from .store import store_for
+from .store import Store
 
 
-def detect(conn: psycopg.Connection, q: Queries) -> bool:
+def detect(conn: psycopg.Connection, store: Store) -> bool:
     """Whether ``conn`` goes through a pooler: the process id that the handshake announced is
     not the one of the server process running our statements. Session and transaction pooling
     look alike here; both are then treated as transaction pooling, which is safe under either."""
-    return store_for(q.schema).server_backend_pid(conn) != conn.info.backend_pid
+    return store.server_backend_pid(conn) != conn.info.backend_pid
 
 
 def session_required(feature: str) -> ConfigurationError:

@@ -77,8 +77,9 @@ class Queries:
     """The statements as plain strings, ``{schema}`` replaced by the quoted schema name.
 
     Rendered once, so that each execution sends the same text and psycopg's automatic statement
-    preparation applies (and prepared.py can prepare them by name). Attributes are the statement
-    names; statements with a run-time identifier are in :attr:`templates` instead.
+    preparation applies (and prepared.py can prepare them by name). :attr:`texts` maps statement
+    names to them; statements with a run-time identifier are in :attr:`templates` instead. The
+    store reads them by literal name (kombu_pg.store.names).
     """
 
     def __init__(self, schema: str):
@@ -93,10 +94,6 @@ class Queries:
             else:
                 # Only names go through format(); values stay %(name)s placeholders.
                 self.texts[name] = sql.SQL(code).format(schema=quoted).as_string(None)
-        self.__dict__.update(self.texts)
-
-    def __getattr__(self, name: str) -> str:  # for type checkers: attributes are set above
-        raise AttributeError(f"no statement named {name!r} in {SQL_DIR}")
 
     def compose(self, name: str, **identifiers: str) -> sql.Composed:
         """Statement ``name`` with its run-time identifiers quoted (never for the hot path)."""

@@ -13,8 +13,7 @@ import datetime as dt
 import psycopg
 
 from . import config
-from .queries import Queries
-from .store import store_for
+from .store import Store, store_for
 
 DEFAULT_EXPIRES = config.Options.revoke_expires
 
@@ -36,7 +35,7 @@ class Outcome:
         return self.state != "leased"
 
 
-def revoke(conn: psycopg.Connection, q: Queries, task_ids, *, expires: float = DEFAULT_EXPIRES,
+def revoke(conn: psycopg.Connection, store: Store, task_ids, *, expires: float = DEFAULT_EXPIRES,
            unmarked: bool = False) -> list[Outcome]:
     """Record ``task_ids`` as revoked for ``expires`` seconds and remove their waiting messages,
     in one statement. ``unmarked``: the caller will not mark the removed tasks REVOKED in the
@@ -46,6 +45,7 @@ def revoke(conn: psycopg.Connection, q: Queries, task_ids, *, expires: float = D
         return []
     if not expires > 0:
         raise config.ConfigurationError(f"revoke expiry must be positive seconds, not {expires!r}")
-    rows = store_for(q.schema).revoke(conn, task_ids=task_ids, expires_s=float(expires),
-                                      by=config.client_name(255), unmarked=unmarked)
+    # The schema's store (the same object, or the one behind the transitional Database.q).
+    rows = store_for(store.schema).revoke(conn, task_ids=task_ids, expires_s=float(expires),
+                                          by=config.client_name(255), unmarked=unmarked)
     return sorted((Outcome(*row) for row in rows), key=lambda o: (o.task_id, o.queue, o.message_id))

@@ -16,15 +16,15 @@ from __future__ import annotations
 import logging
 import socket
 from time import monotonic
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import psycopg
 from kombu.transport import virtual
-from psycopg_pool import PoolTimeout
 
 from . import config, database, green
 from .channel import Channel, QoS
 from .claim_buffer import ClaimBuffer
+from .errors import CONNECTION_ERRORS
 from .messages import (MAX_ATTEMPTS_HEADER, MAX_PRIORITY, UNIQUE_KEY_HEADER, UNIQUE_MODE_HEADER,
                        Claimed, UndecodableMessage, parse_tag)
 from .wakeups import Wakeups
@@ -42,11 +42,14 @@ NO_INTEGRATION = ("kombu-pg: the broker is PostgreSQL but the Celery integration
                   "into this Python's site-packages")
 
 
+#: The Channel class, for annotations inside Transport (whose attribute Channel is Kombu's hook).
+OurChannel = Channel
+
 class Transport(virtual.Transport):
     Channel = Channel
 
     can_parse_url = True  # libpq query parameters (?sslmode=...) must reach libpq intact
-    default_port = 5432
+    default_port = 5432  # type: ignore[assignment]  # Kombu declares it None
     driver_type = "postgresql"  # not 'sql': Celery turns events off for 'sql' transports
     driver_name = "psycopg"
 
@@ -55,18 +58,17 @@ class Transport(virtual.Transport):
         exchange_type=frozenset(["direct", "topic", "fanout"]),
         heartbeats=False,
     )
-    connection_errors = virtual.Transport.connection_errors + (
-        psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+    connection_errors = virtual.Transport.connection_errors + CONNECTION_ERRORS
 
     #: Set by the Celery integration: ``in_progress(message)`` tells whether the consumer will still
     #: process (and ack) a delivered message, so that closing a lost connection keeps its lease.
-    in_progress = None
+    in_progress: Callable[[Any], bool] | None = None
     #: Set by the Celery integration: ``on_tasks_expired(task_ids)`` records tasks the sweeper
     #: moved to the dead letters because they expired with no consumer taking them.
-    on_tasks_expired = None
+    on_tasks_expired: Callable[[list[str]], None] | None = None
     #: Set by the Celery integration: ``on_tasks_revoked(task_ids)`` marks REVOKED the tasks whose
     #: waiting messages `kombu-pg revoke` removed (it has no result backend to do it).
-    on_tasks_revoked = None
+    on_tasks_revoked: Callable[[list[str]], None] | None = None
 
     def __init__(self, client, **kwargs):
         green.cooperate()
@@ -136,8 +138,11 @@ class Transport(virtual.Transport):
 
     # -- wake-ups and maintenance -----------------------------------------------------------
 
+    def _channels(self) -> list[OurChannel]:
+        return self.channels  # type: ignore[return-value]  # Kombu: None until __init__ sets a list
+
     def consumed_queues(self) -> set[str]:
-        return {queue for channel in self.channels for queue in channel._active_queues}
+        return {queue for channel in self._channels() for queue in channel._active_queues}
 
     def wake(self, queues: Iterable[str]) -> None:
         self.wakeups.wake(queues)
@@ -171,7 +176,7 @@ class Transport(virtual.Transport):
             if delivered is not None:
                 return delivered
         delivered = 0
-        for channel in list(self.channels):
+        for channel in list(self._channels()):
             for queue in list(channel._active_queues):
                 if queue not in self._ready:
                     continue

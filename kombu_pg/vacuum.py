@@ -40,7 +40,10 @@ class Vacuumer:
             return False
         self._next = time.monotonic() + interval
         schema = self.db.options.schema
-        allowed, dead, live = self.db.run(self.db.q.vacuum_due, {"schema": schema}, fetch=True)[0]
+        stats = self.db.store.vacuum_due(self.db)
+        if stats is None:  # no messages table (yet)
+            return False
+        allowed, dead, live = stats
         self._allowed = allowed
         if not allowed:
             logger.info("kombu_pg: this role does not own %s.messages, so it may not vacuum it: "
@@ -59,7 +62,7 @@ class Vacuumer:
             # A dedicated connection: VACUUM runs outside any transaction, and without the
             # statement_timeout of pooled connections (a bloated table may rightly take longer).
             with self.db.connect(role="vacuum", bounded=False) as conn:
-                conn.execute(self.db.q.vacuum_messages, {})  # {}: a %% in a schema name is read back
+                self.db.store.vacuum_messages(conn)
             logger.debug("kombu_pg: vacuumed %s.messages (%d dead rows) in %.0f ms",
                          self.db.options.schema, dead, (time.monotonic() - started) * 1000)
         except psycopg.Error as exc:  # the next round tries again; autovacuum still runs

@@ -122,9 +122,8 @@ class Wakeups:
         process as the housekeeper. With LISTEN working, an idle consumer doubles the time to
         its next poll up to max_polling_interval; without, it polls every polling_interval."""
         longest, started = self.options.idle_polling_interval, monotonic()
-        rows = self.db.run(self.db.q.poll, {
-            "queues": sorted(consumed), "hold_s": 2 * longest, "refresh_s": 1.5 * longest,
-            **self.maintenance.poll_params()}, fetch=True)
+        rows = self.db.store.poll(self.db, queues=sorted(consumed), hold_s=2 * longest,
+                                  refresh_s=1.5 * longest, **self.maintenance.poll_params())
         # From before the statement: the event loop's tick (1 s) must find the next one due.
         self.next_poll = started + self._poll_interval
         if self._listening():
@@ -140,7 +139,7 @@ class Wakeups:
         or listening for: their NOTIFYs, which say when, went out before."""
         queues, self._due_unknown = sorted(self._due_unknown & consumed), set()
         if queues:
-            for queue, delay in self.db.run(self.db.q.next_due, {"queues": queues}, fetch=True):
+            for queue, delay in self.db.store.next_due(self.db, queues=queues):
                 if delay is not None:
                     self.wake_at(queue, delay)
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from psycopg import sql
 
 from kombu_pg.config import Options
-from kombu_pg.queries import for_schema
+from kombu_pg.store import store_for
 
 from .. import messaging, procs
 from .deep_queue import fill_pg
@@ -60,13 +60,13 @@ def run(env, p) -> dict:
         payload = conn.execute(sql.SQL("SELECT payload FROM {} WHERE queue = %s").format(env.table()),
                                (queue,)).fetchone()[0]
         literals = values(conn, env, queue, payload)
-    q = for_schema(env.schema)
+    statements = store_for(env.schema).sql
     publish = dict(literals, max_attempts="NULL")  # a plain message carries no cap of its own
     scripts = {
-        "insert_direct": (render(q.publish_direct, publish) + ";", 0),
-        "insert_routed": (render(q.publish_routed, publish) + ";", 0),
-        "claim1_ack": (claim_and_ack(q, literals, 1), p["prefill"] // 10),  # ~10x slower per message
-        "claim100_ack": (claim_and_ack(q, literals, 100), p["prefill"]),
+        "insert_direct": (render(statements["publish_direct"], publish) + ";", 0),
+        "insert_routed": (render(statements["publish_routed"], publish) + ";", 0),
+        "claim1_ack": (claim_and_ack(statements, literals, 1), p["prefill"] // 10),  # ~10x slower per message
+        "claim100_ack": (claim_and_ack(statements, literals, 100), p["prefill"]),
     }
     metrics = {}
     with tempfile.TemporaryDirectory(prefix="bench-pgbench-") as tmp:
@@ -146,12 +146,12 @@ def render(statement: str, literals: dict) -> str:
     return PLACEHOLDER.sub(substitute, code).strip()
 
 
-def claim_and_ack(q, literals: dict, limit: int) -> str:
-    claim = render(q.claim, dict(literals, limit=str(limit)))
+def claim_and_ack(statements, literals: dict, limit: int) -> str:
+    claim = render(statements["claim"], dict(literals, limit=str(limit)))
     return (f"WITH claimed AS (\n{claim}\n)\n"
             "SELECT coalesce(array_agg(id), '{}') AS ids, coalesce(array_agg(lease_token), '{}') AS tokens\n"
             "FROM claimed\n\\gset\n"
-            f"{render(q.ack, literals)};")
+            f"{render(statements['ack'], literals)};")
 
 
 def vacuum(env) -> None:

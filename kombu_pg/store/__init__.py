@@ -5,7 +5,8 @@ and records for the rows (kombu_pg.store.records). Each method runs on a psycopg
 (in the caller's transaction, if one is open), or, where marked ``Target``, on a runner such as
 kombu_pg.database.Database (a pooled connection, retried). The statement text is rendered once
 per schema, so psycopg's automatic preparation applies; the transport's hot statements also go
-through libpq prepared statements (:meth:`Store.prepared`, kombu_pg.prepared).
+through libpq prepared statements (:meth:`Store.prepared`, kombu_pg.prepared). Methods read the
+rendered text from :attr:`Store.sql` by literal name, typed by kombu_pg.store.names.
 
     store = store_for("kombu_pg")
     with psycopg.connect(url, autocommit=True) as conn:

@@ -1,11 +1,12 @@
 """What every part of the store shares: the rendered statements and how they are run."""
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import psycopg
 
 from ..queries import Queries, for_schema
+from .names import StatementName
 
 
 class Runner(Protocol):
@@ -25,7 +26,9 @@ class Statements:
 
     def __init__(self, schema: str):
         self.schema = schema
-        self.q: Queries = for_schema(schema)
+        self.queries: Queries = for_schema(schema)
+        #: Statement name -> its text, indexed by literal names only (a type checker knows them).
+        self.sql = cast(dict[StatementName, str], self.queries.texts)
 
     @staticmethod
     def _rows(target: Target, query: str, params: dict[str, Any]) -> list[tuple]:

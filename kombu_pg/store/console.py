@@ -48,7 +48,7 @@ class ConsoleStatements(Statements):
                     prune: bool, keep_s: float) -> int:
         """Add ``counts`` ((event, queue) -> delta) to the minute ``lag_s`` seconds ago; with
         ``prune``, delete rows older than ``keep_s`` first. The number of rows written."""
-        return self._count(target, self.q.stats_flush, {
+        return self._count(target, self.sql["stats_flush"], {
             "queues": [queue for _, queue in counts], "events": [event for event, _ in counts],
             "counts": list(counts.values()), "lag_s": lag_s, "prune": prune, "keep_s": keep_s})
 
@@ -56,18 +56,18 @@ class ConsoleStatements(Statements):
 
     def console_rates(self, conn: psycopg.Connection, *, minutes: int) -> list[MinuteCount]:
         """The counts of the last ``minutes`` minutes and the current one, oldest first."""
-        return [MinuteCount(*row) for row in self._rows(conn, self.q.console_rates, {"minutes": minutes})]
+        return [MinuteCount(*row) for row in self._rows(conn, self.sql["console_rates"], {"minutes": minutes})]
 
     def console_minute(self, conn: psycopg.Connection) -> dt.datetime:
         """The current minute on the server's clock."""
-        return self._value(conn, self.q.console_minute, {})
+        return self._value(conn, self.sql["console_minute"], {})
 
     def console_lease_holders(self, conn: psycopg.Connection) -> list[LeaseHolder]:
         return [LeaseHolder(by, since, leases, list(queues))
-                for by, since, leases, queues in self._rows(conn, self.q.console_lease_holders, {})]
+                for by, since, leases, queues in self._rows(conn, self.sql["console_lease_holders"], {})]
 
     def console_leases(self, conn: psycopg.Connection, *, limit: int) -> list[Lease]:
-        return [Lease(*row) for row in self._rows(conn, self.q.console_leases, {"limit": limit})]
+        return [Lease(*row) for row in self._rows(conn, self.sql["console_leases"], {"limit": limit})]
 
     def console_dead_letter_tasks(self, conn: psycopg.Connection) -> list[str]:
-        return [row[0] for row in self._rows(conn, self.q.console_dead_letter_tasks, {})]
+        return [row[0] for row in self._rows(conn, self.sql["console_dead_letter_tasks"], {})]

@@ -10,7 +10,7 @@ from psycopg import sql
 
 from conftest import console_script, dead_letters, wait_for
 from kombu_pg import migrate
-from kombu_pg.queries import for_schema
+from kombu_pg.store import store_for
 
 TASKS = '''
 @app.task(bind=True)
@@ -106,12 +106,12 @@ def test_the_claim_records_its_holder_in_hot_updates(env):
     """Who holds a lease costs the claim no index entry: every claim stays a HOT update."""
     with psycopg.connect(env.url, autocommit=True) as conn:
         migrate.migrate(conn, env.broker_schema)
-    q = for_schema(env.broker_schema)
+    q = store_for(env.broker_schema).sql
     table = f'"{env.broker_schema}".messages'
     with psycopg.connect(env.url) as conn:  # one transaction: its own statistics, rolled back
         conn.execute(sql.SQL("INSERT INTO {} (queue, payload, task_id) "
                              "SELECT 'q', 'x', 't' || i FROM generate_series(1, 20) AS i").format(env.t("messages")))
-        rows = conn.execute(q.claim, {"queue": "q", "limit": 50, "default_max_attempts": 5, "lease_seconds": 30,
+        rows = conn.execute(q["claim"], {"queue": "q", "limit": 50, "default_max_attempts": 5, "lease_seconds": 30,
                                       "held": [], "synchronous_commit": "on", "holder": "w9@h[7]"}).fetchall()
         assert len(rows) == 20 and not any(row[-1] for row in rows)  # none revoked
         updated, hot = conn.execute("SELECT pg_stat_get_xact_tuples_updated(%s::regclass), "

@@ -11,7 +11,7 @@ import pytest
 from kombu_pg import migrate
 from kombu_pg.config import Options
 from kombu_pg.database import Database
-from kombu_pg.queries import for_schema
+from kombu_pg.store import store_for
 
 PUBLISH = {"queue": "q", "priority": 0, "eta": None, "ttl_ms": None, "payload": "{}", "task_id": "t",
            "task_name": "n", "max_attempts": None, "unique_key": None, "unique_replace": False,
@@ -33,7 +33,7 @@ def synchronous_commit_after(conn, query, params) -> str:
 def db(env):
     with psycopg.connect(env.url, autocommit=True) as conn:
         migrate.migrate(conn, env.broker_schema)
-        yield conn, for_schema(env.broker_schema)
+        yield conn, store_for(env.broker_schema)
 
 
 @pytest.mark.parametrize("durable_leases", [True, False])
@@ -41,20 +41,20 @@ def test_which_statements_wait_for_the_flush(db, durable_leases):
     conn, q = db
     lease_commit = Options(durable_leases=durable_leases)
     lease_setting = "on" if durable_leases else "off"
-    assert synchronous_commit_after(conn, q.publish_direct, PUBLISH) == "on"
-    assert synchronous_commit_after(conn, q.publish_direct, PUBLISH) == "on"
+    assert synchronous_commit_after(conn, q.sql["publish_direct"], PUBLISH) == "on"
+    assert synchronous_commit_after(conn, q.sql["publish_direct"], PUBLISH) == "on"
 
     commit = {"synchronous_commit": Database("", lease_commit, "").lease_commit}
-    rows, setting = run(conn, q.claim, {"queue": "q", "limit": 10, "default_max_attempts": 5, "lease_seconds": 30,
+    rows, setting = run(conn, q.sql["claim"], {"queue": "q", "limit": 10, "default_max_attempts": 5, "lease_seconds": 30,
                                         "held": [], "holder": "w1@host[1]", **commit})
     assert len(rows) == 2 and setting == lease_setting
     ids, tokens = [r[0] for r in rows], [r[1] for r in rows]
     assert synchronous_commit_after(
-        conn, q.renew, {"ids": ids, "tokens": tokens, "lease_seconds": 30, **commit}) == lease_setting
+        conn, q.sql["renew"], {"ids": ids, "tokens": tokens, "lease_seconds": 30, **commit}) == lease_setting
     # The setting was local to those transactions.
     assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "on"
 
-    assert synchronous_commit_after(conn, q.ack, {"ids": ids[:1], "tokens": tokens[:1]}) == "on"
-    assert synchronous_commit_after(conn, q.release, {"ids": ids[1:], "tokens": tokens[1:], "channel": "kombu_pg"}) == "on"
+    assert synchronous_commit_after(conn, q.sql["ack"], {"ids": ids[:1], "tokens": tokens[:1]}) == "on"
+    assert synchronous_commit_after(conn, q.sql["release"], {"ids": ids[1:], "tokens": tokens[1:], "channel": "kombu_pg"}) == "on"
     remaining = conn.execute(f'SELECT count(*) FROM "{q.schema}".messages').fetchone()[0]
     assert remaining == 1  # one acked, one released: the claim and renewal really committed

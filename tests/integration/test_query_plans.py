@@ -6,7 +6,7 @@ import pytest
 from psycopg import sql
 
 from kombu_pg import migrate
-from kombu_pg.queries import for_schema
+from kombu_pg.store import store_for
 
 
 @pytest.fixture
@@ -41,8 +41,8 @@ def nodes(node):
 
 @pytest.mark.parametrize("queue", ["deep", "later"])
 def test_claim_uses_the_claim_index_at_100k_rows(env, deep_schema, queue):
-    q = for_schema(deep_schema)
-    result = plan(env.url, q.claim, {"queue": queue, "limit": 10, "default_max_attempts": 5, "lease_seconds": 30,
+    sql = store_for(deep_schema).sql
+    result = plan(env.url, sql["claim"], {"queue": queue, "limit": 10, "default_max_attempts": 5, "lease_seconds": 30,
                                         "held": [1, 2, 3], "synchronous_commit": "on", "holder": "w1@host[1]"})
     scans = [n for n in nodes(result["Plan"]) if n.get("Relation Name") == "messages"]
     assert scans, json.dumps(result, indent=1)
@@ -52,8 +52,8 @@ def test_claim_uses_the_claim_index_at_100k_rows(env, deep_schema, queue):
 
 def test_poll_uses_the_claim_index_at_100k_rows(env, deep_schema):
     """The safety-net poll of a ready and a delayed queue of 100k rows each: by the claim index."""
-    q = for_schema(deep_schema)
-    result = plan(env.url, q.poll, {"queues": ["deep", "later"], "hold_s": 60, "refresh_s": 45,
+    sql = store_for(deep_schema).sql
+    result = plan(env.url, sql["poll"], {"queues": ["deep", "later"], "hold_s": 60, "refresh_s": 45,
                                     "holder": "plan", "lease_s": 15})
     scans = [n for n in nodes(result["Plan"]) if n.get("Relation Name") == "messages"]
     assert scans, json.dumps(result, indent=1)

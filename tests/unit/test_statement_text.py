@@ -13,8 +13,7 @@ QUOTED = '"Odd ""name"" 100%%"'  # identifier quoting, then % doubled for the pl
 
 
 def statements(schema: str) -> dict[str, str]:
-    return {name: text for name, text in vars(for_schema(schema)).items()
-            if isinstance(text, str) and name != "schema"}
+    return for_schema(schema).texts
 
 
 def test_statements_name_the_schema_quoted_with_its_percent_doubled():
