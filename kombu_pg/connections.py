@@ -213,16 +213,20 @@ class Connections:
         # After a server restart every pooled connection is dead: allow one try per connection.
         attempts = self.options.max_connections + 1
         for attempt in range(1, attempts + 1):
+            deadline = None
             try:
                 with self.pool.connection() as conn, writable(conn), \
-                        watchdog.guard(conn, self.options.statement_deadline):
+                        (deadline := watchdog.guard(conn, self.options.statement_deadline)):
                     if isinstance(query, PreparedStatement):
                         rows = query.execute(conn, params)
                         return rows if fetch else len(rows)
                     cur = conn.execute(query, params)
                     return cur.fetchall() if fetch else cur.rowcount
             except CONNECTION_ERRORS as exc:
-                if isinstance(exc, (PoolTimeout, ReadOnlyServer)):
+                # A server that did not answer in time would not answer on the pool's other
+                # connections either: each would cost another deadline. Start a new pool; its
+                # first connection is bounded by connect_timeout.
+                if isinstance(exc, (PoolTimeout, ReadOnlyServer)) or (deadline and deadline.expired):
                     self._discard_pool()
                 if attempt == attempts or isinstance(exc, PoolTimeout):
                     raise psycopg.OperationalError(

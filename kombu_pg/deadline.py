@@ -42,9 +42,10 @@ class Watchdog:
                 threading.Thread(target=self._run, name="kombu_pg-watchdog", daemon=True).start()
         return ticket
 
-    def disarm(self, ticket: int) -> None:
+    def disarm(self, ticket: int) -> bool:
+        """False if the deadline had passed (the socket was shut down)."""
         with self._lock:
-            self._armed.pop(ticket, None)
+            return self._armed.pop(ticket, None) is not None
 
     def guard(self, conn, seconds: float) -> "_Guard":
         """``with watchdog.guard(conn, seconds):`` around statements on ``conn``."""
@@ -64,17 +65,19 @@ class Watchdog:
 
 
 class _Guard:
-    __slots__ = ("_watchdog", "_conn", "_seconds", "_ticket")
+    __slots__ = ("_watchdog", "_conn", "_seconds", "_ticket", "expired")
 
     def __init__(self, watchdog: Watchdog, conn, seconds: float):
         self._watchdog, self._conn, self._seconds = watchdog, conn, seconds
+        #: Whether the deadline passed: the server did not answer in time.
+        self.expired = False
 
     def __enter__(self):
         self._ticket = self._watchdog.arm(self._conn.fileno(), self._seconds)
         return self._conn
 
     def __exit__(self, *exc_info):
-        self._watchdog.disarm(self._ticket)
+        self.expired = not self._watchdog.disarm(self._ticket)
         return False
 
 
