@@ -2,9 +2,9 @@
 
 Each :class:`Patch` names the attribute it replaces or extends (``module:Class.attribute``), why,
 the Celery/Kombu version it was checked against, when it is applied, and the function that
-applies it, which lives in the module owning the behaviour. tests/test_celery_patches.py checks
-that every target still exists in the installed Celery and Kombu (an upgrade that renames one
-fails there, not in production) and that applying twice changes nothing (each owner function
+applies it, which lives in the module owning the behaviour. tests/acceptance/test_celery_patches.py
+checks that every target still exists in the installed Celery and Kombu (an upgrade that renames
+one fails there, not in production) and that applying twice changes nothing (each owner function
 marks what it wrapped and leaves it alone the second time).
 
 When, and so in which processes (:func:`apply` is called with one of these):
