@@ -71,6 +71,7 @@ from celery import beat
 from celery.exceptions import ImproperlyConfigured
 from celery.schedules import crontab, schedstate
 
+from kombu_pg import errors
 from kombu_pg.atomic import enqueue_in
 from kombu_pg.beat_store import BeatStore
 from kombu_pg.config import ConfigurationError, Options
@@ -97,8 +98,9 @@ RETRY_DELAY = 5.0
 #: Seconds between prunings of old beat_ticks rows (by the leader).
 PRUNE_EVERY = 60.0
 #: A server that accepts no writes (a standby, a primary being demoted in a failover) counts
-#: as a lost connection too: a new one lets libpq pick the read-write host.
-CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.ReadOnlySqlTransaction)
+#: as a lost connection too (the leader's session raises ReadOnlySqlTransaction: it writes
+#: without failover.writable): a new one lets libpq pick the read-write host.
+CONNECTION_ERRORS = errors.CONNECTION_ERRORS + (psycopg.errors.ReadOnlySqlTransaction,)
 
 
 class _Superseded(Exception):

@@ -7,8 +7,8 @@ thread of each process that uses the broker looks at them once a minute
 deltas in one upsert; a process that counted nothing writes nothing, so idle workers cost the
 server no more than before. Workers, producers and beat alike: each process counts and flushes
 what it did itself (a prefork pool child too, through its own connection). What remains
-unflushed is written when the process exits normally (atexit); a killed process loses at
-most a minute of counts.
+unflushed is written when the process exits normally (atexit, if its pool is still open); a
+killed process loses at most a minute of counts.
 
 A process that uses several databases or schemas flushes into the last one it started using
 (the counters do not tell them apart); what it counted before is written to the previous one
@@ -156,4 +156,13 @@ def flush() -> int:
     return flusher.flush()
 
 
-atexit.register(flush)
+def _flush_at_exit() -> None:
+    """At exit, only into a database the process still uses (its pool open): writing into one
+    it closed (a test's server, stopped since) would make the exit wait connect_timeout."""
+    flusher = _flusher
+    db = flusher._db() if flusher is not None and flusher._db is not None else None
+    if db is not None and getattr(db, "_pool", None) is not None:
+        flush()
+
+
+atexit.register(_flush_at_exit)
