@@ -88,6 +88,7 @@ class Acker:
 
     def _delete(self, batch) -> bool:
         ids = [m for m, _, _ in batch]
+        self.db.leases.settling(ids)
         try:
             # On a pooled connection, retried on a fresh one if it broke (Database.run).
             deleted = self.db.store.ack(self.db, ids=ids, tokens=[t for _, t, _ in batch])

@@ -31,6 +31,7 @@ class LeaseKeeper:
         self.db = db
         self.lease_seconds = db.options.visibility_timeout
         self._held: dict[int, str] = {}  # message id -> lease token
+        self._settling: set[int] = set()  # acks being written: a renewal may find them deleted
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._stopped = False
@@ -46,10 +47,16 @@ class LeaseKeeper:
                 self._thread = threading.Thread(target=self._run, name="kombu_pg-lease-keeper", daemon=True)
                 self._thread.start()
 
+    def settling(self, message_ids) -> None:
+        """Their acks are being written: a renewal that finds them deleted is no lost lease."""
+        with self._lock:
+            self._settling.update(message_ids)
+
     def forget(self, message_ids) -> None:
         with self._lock:
             for message_id in message_ids:
                 self._held.pop(message_id, None)
+                self._settling.discard(message_id)
 
     def held_ids(self) -> list[int]:
         """The messages this process holds: its claims and reaps leave them alone."""
@@ -96,8 +103,9 @@ class LeaseKeeper:
         lost = [i for i in ids if i not in renewed]
         if lost:
             with self._lock:
-                # Acked meanwhile, or the lease expired and another consumer has it now.
-                gone = [i for i in lost if self._held.get(i) == held[i]]
+                # Acked meanwhile (forgotten, or its delete just landed: settling), or the
+                # lease expired and another consumer has it now.
+                gone = [i for i in lost if self._held.get(i) == held[i] and i not in self._settling]
                 for i in gone:
                     del self._held[i]
             if gone:

@@ -150,7 +150,9 @@ def stuck(self):
 def test_housekeeping_goes_on_after_the_housekeeper_is_killed(make_app, procs, env):
     app = make_app(visibility_timeout=2, extra_source=STUCK_TASK, conf={"control_queue_expires": 2.0},
                    transport_options={"sweep_interval": 0.5, "max_polling_interval": 5})
-    first = procs.worker(app, name="first", pool="solo", concurrency=1)
+    # Threads: the stuck task must not block the first worker's event loop, whose polls keep
+    # its housekeeper lease (3 s) while the second worker starts.
+    first = procs.worker(app, name="first", pool="threads", concurrency=1)
     wait_for(lambda: runs_the_housekeeping(env, first), 30, what="the first worker to run the housekeeping")
     app.stuck.delay()  # its only delivery: once its lease expires, only a reaper may move it
     env.wait_runs(1, "stuck")
