@@ -111,7 +111,11 @@ PATCHES: tuple[Patch, ...] = (
           INSTALL),
     Patch("celery.worker.consumer.gossip:Gossip.compatible_transport",
           "celery_ext.peers:enable_mingle_and_gossip",
-          "gossip runs for workers on this broker when the app sets kombu_pg_gossip", INSTALL),
+          "gossip runs for workers on this broker unless the app sets kombu_pg_gossip = False",
+          INSTALL),
+    Patch("celery.worker.consumer.heart:Heart.__init__", "celery_ext.peers:space_heartbeats",
+          "heartbeat events every 10 s on this broker (each is a server transaction) unless "
+          "--heartbeat-interval says", INSTALL),
     # -- a worker serving /metrics -------------------------------------------------------------
     Patch("celery.worker.strategy:create_request_cls", "celery_ext.metrics:install_request_hook",
           "the Request classes it creates time successful tasks for the exporter", WORKER_METRICS),

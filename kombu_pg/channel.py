@@ -13,6 +13,7 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.transport.virtual.exchange import TopicExchange
 
 from . import atomic, config, counters
+from .broadcasts import broadcast_channel
 from .errors import CONNECTION_ERRORS
 from .database import error_entry
 from .messages import MAX_PRIORITY, Claimed, delivery, parse_tag, publish_params, queue_of, to_message
@@ -93,7 +94,9 @@ class Channel(virtual.Channel):
         self._inplace_augment_message(message, exchange, routing_key)
         params = publish_params(message, self.options.notify_channel)
         if exchange:
-            statement, params = "publish_routed", dict(params, exchange=exchange, routing_key=routing_key)
+            statement, params = "publish_routed", dict(
+                params, exchange=exchange, routing_key=routing_key,
+                broadcast_channel=broadcast_channel(self.options.schema, exchange))
         else:  # the default exchange: the routing key names the queue
             statement, params = "publish_direct", dict(params, queue=routing_key)
         external = atomic.current()
@@ -165,6 +168,12 @@ class Channel(virtual.Channel):
             self._bury_undecodable(queue, row, error)
         return messages
 
+    def broadcast_messages(self, queue: str, received: list[tuple[int, str]]) -> Claimed:
+        """Messages from broadcasts received for ``queue`` (kombu_pg/broadcasts.py): no row, so
+        no lease and no id (0); one that is not a valid message goes to the dead letters."""
+        return self.claimed(queue, [("0", None, "1", str(priority), payload, "f", None, "f")
+                                    for priority, payload in received])
+
     def _bury_undecodable(self, queue, row, exc) -> None:
         message_id, token, delivery_count, priority, payload, *_ = row
         logger.error("kombu_pg: message %s of queue %r is not a valid Kombu message (%s: %s): "
@@ -202,6 +211,12 @@ class Channel(virtual.Channel):
         if no_ack:
             self._no_ack_queues.add(queue)
         super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        if no_ack and queue in self.connection.polled_queues:
+            # A short-lived broadcast queue (gossip, an events receiver): its messages come
+            # as notifications once it LISTENs (kombu_pg/broadcasts.py).
+            self.connection.wakeups.subscribe(queue, [
+                (binding.exchange, binding.routing_key, self.typeof(binding.exchange).type)
+                for binding in self.state.queue_bindings(queue)])
         self.connection.wake([queue])  # messages may be waiting already
 
     def basic_cancel(self, consumer_tag):
@@ -209,6 +224,7 @@ class Channel(virtual.Channel):
         super().basic_cancel(consumer_tag)
         if queue and queue not in self._active_queues:
             self.connection.release_buffered(queue)  # claimed for a consumer that is gone
+            self.connection.wakeups.unsubscribe(queue)
             self._no_ack_queues.discard(queue)
             if not self.connection.consumed_queues():
                 self.db.maintenance.stopped(self.connection)
@@ -290,6 +306,7 @@ class Channel(virtual.Channel):
         self.state.queue_bindings_delete(queue)
         self._auto_delete_queues.discard(queue)
         self.connection.polled_queues.pop(queue, None)
+        self.connection.wakeups.unsubscribe(queue)
 
     # -- exchanges and bindings -------------------------------------------------------------
 

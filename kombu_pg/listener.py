@@ -1,12 +1,14 @@
-"""The LISTEN connection: wake-ups for consumers.
+"""The LISTEN connection: wake-ups for consumers, and broadcasts (kombu_pg/broadcasts.py).
 
 NOTIFY is only a hint (lost while nobody listens, coalesced per transaction), so consumers also
-poll on a timer; after a reconnect they treat every queue as possibly ready.
+poll on a timer; after a reconnect they treat every queue as possibly ready. Broadcasts are
+messages themselves, on channels of their own: at most once.
 """
 from __future__ import annotations
 
 import logging
 import select
+from typing import Callable, Iterable
 
 import psycopg
 
@@ -21,10 +23,16 @@ BOUND = "bind"
 
 
 class Listener:
-    def __init__(self, db, conninfo: str | None = None):
+    def __init__(self, db, conninfo: str | None = None,
+                 on_broadcast: Callable[[str, str], object] | None = None):
+        """``on_broadcast(channel, payload)`` takes the notifications of every other channel
+        this connection LISTENs on (:meth:`listen`)."""
         self.db = db
         self.conninfo = conninfo or db.conninfo
         self.channel = db.options.notify_channel
+        self._on_broadcast = on_broadcast
+        self.broadcast_channels: set[str] = set()  # LISTENed on again after a reconnect
+        self._caught: list = []  # notifications psycopg read while running a statement here
         self.conn: psycopg.Connection | None = None
         self._fd = -1
         self._generation = db.pool_generation
@@ -36,9 +44,11 @@ class Listener:
         self.close()
         self._generation = self.db.pool_generation
         self.conn = self.db.connect(self.conninfo, role="listen")
+        self.conn.add_notify_handler(self._caught.append)
         try:
             with writable(self.conn):
-                self.db.store.listen(self.conn, channel=self.channel)
+                for channel in [self.channel, *sorted(self.broadcast_channels)]:
+                    self.db.store.listen(self.conn, channel=channel)
         except psycopg.Error:
             self.close()
             raise
@@ -46,6 +56,14 @@ class Listener:
         self.db.listening(True)
         self._fd = self.conn.fileno()
         return self._fd
+
+    def listen(self, channels: Iterable[str]) -> None:
+        """LISTEN on more broadcast channels: now if connected, else at connect."""
+        new = set(channels) - self.broadcast_channels
+        self.broadcast_channels |= new
+        if self.conn is not None:
+            for channel in sorted(new):
+                self.db.store.listen(self.conn, channel=channel)
 
     def outdated(self) -> bool:
         """Connected before the pool was last replaced (after an outage or a failover)."""
@@ -58,7 +76,7 @@ class Listener:
 
     def read(self) -> dict[str, float]:
         """Queues notified since the last read, with the seconds until their message is visible
-        (0 for now). Never blocks.
+        (0 for now); broadcasts go to ``on_broadcast``. Never blocks.
 
         Reads through libpq directly: psycopg's notifies() would take the connection lock and
         block. Raises psycopg.OperationalError when the connection is gone.
@@ -67,15 +85,24 @@ class Listener:
         pgconn = self.conn.pgconn
         pgconn.consume_input()
         woken: dict[str, float] = {}
-        while (note := pgconn.notifies()) is not None:
-            payload = note.extra.decode()
-            if payload == BOUND:
-                self.db.bound()
-                continue
-            delay_ms, _, queue = payload.partition(" ")
-            delay = int(delay_ms) / 1000 if delay_ms.isdigit() else 0.0
-            woken[queue] = min(delay, woken.get(queue, delay))
+        caught, self._caught[:] = list(self._caught), []
+        for note in caught:
+            self._take(note.channel, note.payload, woken)
+        while (raw := pgconn.notifies()) is not None:
+            self._take(raw.relname.decode(), raw.extra.decode(), woken)
         return woken
+
+    def _take(self, channel: str, payload: str, woken: dict[str, float]) -> None:
+        if channel != self.channel:
+            if self._on_broadcast is not None:
+                self._on_broadcast(channel, payload)
+            return
+        if payload == BOUND:
+            self.db.bound()
+            return
+        delay_ms, _, queue = payload.partition(" ")
+        delay = int(delay_ms) / 1000 if delay_ms.isdigit() else 0.0
+        woken[queue] = min(delay, woken.get(queue, delay))
 
     def wait(self, timeout: float) -> dict[str, float]:
         """Block up to ``timeout`` seconds for notifications."""

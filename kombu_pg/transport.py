@@ -178,6 +178,10 @@ class Transport(virtual.Transport):
         delivered = 0
         for channel in list(self._channels()):
             for queue in list(channel._active_queues):
+                if self.wakeups.broadcasts.inbox.get(queue):
+                    delivered += self._deliver_broadcasts(channel, queue, one)
+                    if one and delivered:
+                        return delivered
                 if queue not in self._ready:
                     continue
                 if not channel.qos.can_consume():
@@ -205,6 +209,18 @@ class Transport(virtual.Transport):
                     # room to claim again (the solo pool has no other socket to wake the loop).
                     self._kick()
         return delivered
+
+    def _deliver_broadcasts(self, channel: OurChannel, queue: str, one: bool) -> int:
+        """Deliver what broadcasts brought ``queue`` (no-ack consumers: no prefetch limit)."""
+        received = self.wakeups.broadcasts.take(queue, 1 if one else None)
+        messages = channel.broadcast_messages(queue, received)
+        for message in messages:
+            self._deliver(message, queue)
+        return len(messages)
+
+    def _pending(self) -> bool:
+        """Whether queues may have messages to claim, or broadcasts wait for delivery."""
+        return bool(self._ready) or bool(self.wakeups.broadcasts)
 
     # -- the worker's event loop ------------------------------------------------------------
 
@@ -243,7 +259,7 @@ class Transport(virtual.Transport):
         # Deliver here, not only from on_tick: Celery schedules a task carrying an eta on the
         # hub's timer, and the hub computes how long to block before on_tick runs, so a message
         # handed over from on_tick would wait for the next unrelated timer (up to a second).
-        if self._hub is not None and self._ready:
+        if self._hub is not None and self._pending():
             self.deliver_ready()
 
     def _hub_housekeeping(self):
@@ -251,7 +267,7 @@ class Transport(virtual.Transport):
         self._deliver_from_hub()
 
     def _on_tick(self):
-        if self._ready:
+        if self._pending():
             self.deliver_ready()
 
     def _unregister(self):
@@ -278,7 +294,7 @@ class Transport(virtual.Transport):
         self.wakeups.listen()
         while True:
             self._housekeeping()
-            if (self._ready or self.claims) and self.deliver_ready(one=True):
+            if (self._pending() or self.claims) and self.deliver_ready(one=True):
                 return
             now = monotonic()
             if deadline is not None and now >= deadline:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import psycopg
 
 from . import config
+from .broadcasts import Broadcasts
 from .database import FOLLOW_UP_SECONDS
 from .listener import Listener
 from .messages import Claimed
@@ -44,6 +45,7 @@ class Wakeups:
         self.due: dict[str, float] = {}  # queue -> monotonic time its next known message is due
         self._due_unknown: set[str] = set()  # queues whose delayed messages' wake-ups we may have missed
         self.polled_queues: dict[str, float] = {}  # queue -> seconds between claims (no wake-ups)
+        self.broadcasts = Broadcasts(options.schema)  # queues whose messages come as notifications
         self._hub: Any = None  # the worker's event loop, once registered
         self.next_poll = 0.0  # monotonic time of the next safety-net poll
         self._poll_interval = options.polling_interval  # the wait after that poll
@@ -60,6 +62,27 @@ class Wakeups:
         messages (another consumer took them) thus still finds the next one within this."""
         self._poll_interval = self.options.polling_interval
         self.next_poll = min(self.next_poll, monotonic() + self._poll_interval)
+
+    def subscribe(self, queue: str, bindings) -> None:
+        """Receive ``queue``'s messages as broadcasts (kombu_pg/broadcasts.py), if consumers
+        here LISTEN: from now on if the LISTEN connection is up, else from its connect."""
+        if not self._listens():
+            return  # behind a transaction pooler: rows, claimed on a timer
+        channels = self.broadcasts.subscribe(queue, bindings)
+        if self.listener is not None and self.listener.conn is not None:
+            self.listener.listen(channels)
+            self._via_notify([queue])
+
+    def unsubscribe(self, queue: str) -> None:
+        self.broadcasts.unsubscribe(queue)
+
+    def _via_notify(self, queues: list[str]) -> None:
+        """Tell publishers that ``queues`` take broadcasts now (LISTEN is on): no rows, and no
+        claims on a timer."""
+        if queues:
+            self.db.store.mark_via_notify(self.db, queues=queues)
+            for queue in queues:
+                self.polled_queues.pop(queue, None)
 
     def after_claim(self, queue: str, messages: Claimed, limit: int) -> None:
         """A claim that came back short drained the queue: wait for a wake-up."""
@@ -169,8 +192,10 @@ class Wakeups:
     def reconnect(self) -> None:
         if self._hub is not None and self.listener is not None and self.listener.conn is not None:
             self._hub.remove_reader(self.listener.fileno())
-        self.listener = self.listener or Listener(self.db, self._listen_conninfo)
+        self.listener = self.listener or Listener(self.db, self._listen_conninfo, self._on_broadcast)
+        self.listener.broadcast_channels |= set(self.broadcasts.channels())
         fd = self.listener.connect()  # raises a connection error: the consumer reconnects
+        self._via_notify(self.broadcasts.queues())
         if self._hub is not None:
             self._hub.add_reader(fd, self._on_readable)
         # Reconcile: whatever was notified while nobody listened. Claim every queue, and ask
@@ -205,6 +230,11 @@ class Wakeups:
                 # A message becomes visible later (ETA, retry backoff): wake up then, not at the
                 # next safety-net poll.
                 self.wake_at(queue, delay)
+
+    def _on_broadcast(self, channel: str, payload: str) -> None:
+        # Not activity(): an idle worker receives every peer's heartbeat, and its safety-net
+        # poll must still back off.
+        self.broadcasts.receive(channel, payload)
 
     def _on_readable(self) -> None:
         self.read()

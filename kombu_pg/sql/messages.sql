@@ -27,13 +27,20 @@ FROM ins
 -- Route through an exchange in the database, so that bindings made by other processes count.
 -- Returns one row per queue that received the message; none means unroutable (or, with a
 -- unique key, a duplicate in every queue).
--- No wake-up for a short-lived broadcast queue (auto-delete, not durable, x-message-ttl of 10 s
--- at most: Celery's gossip and event-receiver queues): its consumer claims it on a timer
--- instead (Channel.polled_interval). Every worker's heartbeat goes to every worker's gossip
--- queue; a NOTIFY would wake every LISTEN session of the database for each of them.
+-- Short-lived broadcast queues (auto-delete, not durable, x-message-ttl of 10 s at most:
+-- Celery's gossip and event-receiver queues) are `transient`. Every worker's heartbeat goes to
+-- every worker's gossip queue, so their messages get no row when their consumer listens for
+-- broadcasts (`via_notify`, migration 0010): ONE notification on the exchange's broadcast
+-- channel carries the message to all of them, "<priority>\n<routing key as JSON>\n<payload>",
+-- and each listening consumer routes it to its own queues (kombu_pg/broadcasts.py). At most
+-- once, like the queues themselves: a consumer that is not listening at that moment misses it.
+-- A message too big for a notification (8000 bytes) is stored as rows and wakes them. A
+-- transient queue whose consumer does not listen gets rows without a wake-up: the consumer
+-- claims it on a timer (Channel.polled_interval); a NOTIFY would wake every LISTEN session.
 WITH targets AS (
     SELECT DISTINCT b.queue, q.message_ttl,
-           coalesce(q.auto_delete AND NOT q.durable AND q.message_ttl <= interval '10 seconds', false) AS polled
+           coalesce(q.auto_delete AND NOT q.durable AND q.message_ttl <= interval '10 seconds', false) AS transient,
+           coalesce(q.via_notify, false) AS via_notify
     FROM {schema}.bindings b
     JOIN {schema}.exchanges e ON e.name = b.exchange
     LEFT JOIN {schema}.queues q ON q.name = b.queue
@@ -43,6 +50,15 @@ WITH targets AS (
               WHEN 'topic'  THEN %(routing_key)s ~ b.pattern
               ELSE true
           END
+), broadcast AS (
+    -- Volatile (pg_notify), so evaluated once, and only when a listening transient queue matched.
+    SELECT pg_notify(%(broadcast_channel)s, note) AS sent
+    FROM (SELECT %(priority)s::smallint::text || E'\n' || to_json(%(routing_key)s::text)::text
+                 || E'\n' || %(payload)s AS note) AS n
+    WHERE octet_length(note) < 8000
+      AND EXISTS (SELECT 1 FROM targets WHERE transient AND via_notify)
+), broadcasted AS (
+    SELECT t.queue FROM targets t WHERE t.transient AND t.via_notify AND EXISTS (SELECT 1 FROM broadcast)
 ), ins AS (
     INSERT INTO {schema}.messages
         (queue, priority, visible_at, expires_at, payload, task_id, task_name, max_attempts, unique_key)
@@ -50,11 +66,14 @@ WITH targets AS (
            least(now() + t.message_ttl, now() + %(ttl_ms)s * interval '1 millisecond'),
            %(payload)s, %(task_id)s, %(task_name)s, %(max_attempts)s, %(unique_key)s
     FROM targets t
+    WHERE t.queue NOT IN (SELECT queue FROM broadcasted)
     {on_duplicate_key}
 )
-SELECT queue, CASE WHEN %(notify)s AND NOT t.polled THEN {wake} END
+SELECT queue, CASE WHEN %(notify)s AND NOT (t.transient AND NOT t.via_notify) THEN {wake} END
 FROM ins
 JOIN targets t USING (queue)
+UNION ALL
+SELECT queue, NULL FROM broadcasted
 
 -- name: claim
 -- Lease up to `limit` deliverable messages: ready (visible_at passed) and without a live lease.

@@ -54,6 +54,14 @@ WITH bound AS (
 )
 SELECT pg_notify(%(channel)s, 'bind') FROM bound LIMIT 1
 
+-- name: mark_via_notify
+-- A consumer of short-lived broadcast queues LISTENs on their exchanges' broadcast channels
+-- (kombu_pg/broadcasts.py), then says so: publishes send these queues' messages as
+-- notifications from now on, not rows (see publish_routed). Only such queues qualify.
+UPDATE {schema}.queues SET via_notify = true
+WHERE name = ANY(%(queues)s::text[]) AND NOT via_notify
+  AND auto_delete AND NOT durable AND message_ttl <= interval '10 seconds'
+
 -- name: unbind
 DELETE FROM {schema}.bindings
 WHERE exchange = %(exchange)s AND routing_key = %(routing_key)s AND queue = %(queue)s

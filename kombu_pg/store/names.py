@@ -31,7 +31,7 @@ StatementName = Literal[
     "migrate_lock_holders", "create_schema", "create_migrations_table", "record_migration",
     # queues.sql
     "declare_queue", "has_queue", "delete_queue", "declare_exchange", "exchange_type",
-    "delete_exchange", "bind", "unbind", "bindings_of_exchange", "queue_counts", "purge_queues",
+    "delete_exchange", "bind", "mark_via_notify", "unbind", "bindings_of_exchange", "queue_counts", "purge_queues",
     # sessions.sql
     "session_setup", "server_backend_pid", "listen",
     # stats.sql

@@ -42,6 +42,9 @@ class OperatorStatements(Statements):
         self._count(target, self.sql["bind"], {"exchange": exchange, "routing_key": routing_key,
                                           "pattern": pattern, "queue": queue, "channel": channel})
 
+    def mark_via_notify(self, target: Target, *, queues: list[str]) -> None:
+        self._count(target, self.sql["mark_via_notify"], {"queues": queues})
+
     def unbind(self, target: Target, *, exchange: str, routing_key: str, queue: str) -> None:
         self._count(target, self.sql["unbind"], {"exchange": exchange, "routing_key": routing_key,
                                             "queue": queue})
