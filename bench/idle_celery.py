@@ -7,7 +7,8 @@ its transactions and CPU time over ``--window`` seconds with no worker, then sta
 ``--workers`` Celery workers (solo pool: the pool costs the broker nothing while idle), waits
 until every one listens, lets them settle (the safety-net poll backs off to
 max_polling_interval) and measures again. With gossip (the default for workers on this
-broker), every worker's heartbeat (every 2 s) goes to every worker's gossip queue.
+broker), every worker's heartbeat (every 10 s on this broker) reaches every worker's gossip
+queue as a notification (kombu_pg/broadcasts.py).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import psycopg
 
-from .idle import measure
+from .scenarios.idle import measure
 
 APP = '''
 from celery import Celery

@@ -66,4 +66,4 @@ def space_heartbeats() -> None:
                     heartbeat_interval=heartbeat_interval, **kwargs)
 
     patches.mark(__init__)
-    Heart.__init__ = __init__  # type: ignore[method-assign]
+    Heart.__init__ = __init__

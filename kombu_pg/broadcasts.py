@@ -55,7 +55,7 @@ class Broadcasts:
     def subscribe(self, queue: str, bindings: Iterable[tuple[str, str, str]]) -> list[str]:
         """Route broadcasts to ``queue`` by its ``bindings``: (exchange, routing key, exchange
         type). Returns the channels to LISTEN on."""
-        matches = []
+        matches: list[tuple[str, re.Pattern | None]] = []
         for exchange, routing_key, exchange_type in bindings:
             if exchange_type == "topic":
                 matches.append((exchange, re.compile(TopicExchange(None).key_to_pattern(routing_key))))

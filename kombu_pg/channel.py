@@ -244,6 +244,7 @@ class Channel(virtual.Channel):
         if probe is not None and probe(message):
             logger.info("kombu_pg: message %s is still being processed: keeping its lease", message_id)
             return
+        self.db.leases.settling([message_id])
         try:
             if self.db.store.release(self.db, ids=[message_id], tokens=[token],
                                      channel=self.options.notify_channel):

@@ -139,6 +139,7 @@ class ClaimBuffer:
             message_id, token = parse_tag(message["properties"]["delivery_tag"])
             ids.append(message_id)
             tokens.append(token)
+        self.db.leases.settling(ids)
         try:
             self.db.store.release(self.db, ids=ids, tokens=tokens, channel=self.options.notify_channel)
         except CONNECTION_ERRORS as exc:

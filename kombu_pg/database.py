@@ -70,8 +70,8 @@ class Database(Connections):
         """Whether a publish to ``destination`` (exchange, routing key) would store nothing: it
         matched no queue a moment ago, and no queue was bound to the exchange since.
 
-        An idle Celery worker publishes a heartbeat event every 2 s to an exchange no queue is
-        bound to unless a monitor runs; this spares the server those transactions. Only trusted
+        An idle Celery worker without gossip publishes a heartbeat event every few seconds to an
+        exchange no queue is bound to unless a monitor runs; this spares the server those transactions. Only trusted
         while this process listens: a bind NOTIFYs (see the ``bind`` statement), and the listener
         then drops every entry (:meth:`bound`), as it does when a LISTEN connection comes or
         goes. Kept at most ``idle_polling_interval`` seconds, in case a LISTEN connection died
@@ -114,21 +114,27 @@ class Database(Connections):
         lease is no longer ours (nothing was changed).
         """
         policy = self.options.policy(queue)
-        failed = self.store.fail(
-            self, id=message_id, token=token, error=error, dead_reason=dead_reason,
-            max_attempts=max_attempts, backoff_base=backoff_base, backoff_cap=backoff_cap,
-            default_max_attempts=policy["max_attempts"], default_backoff_base=policy["backoff_base"],
-            default_backoff_cap=policy["backoff_cap"], channel=self.options.notify_channel)
+        self.leases.settling([message_id])  # a renewal meanwhile may find it settled: not lost
+        try:
+            failed = self.store.fail(
+                self, id=message_id, token=token, error=error, dead_reason=dead_reason,
+                max_attempts=max_attempts, backoff_base=backoff_base, backoff_cap=backoff_cap,
+                default_max_attempts=policy["max_attempts"], default_backoff_base=policy["backoff_base"],
+                default_backoff_cap=policy["backoff_cap"], channel=self.options.notify_channel)
+        except BaseException:
+            self.leases.settled_not([message_id])  # still ours: renewed until settled otherwise
+            raise
+        self.leases.forget([message_id])  # settled, or no longer ours
         if failed is None:
             return None
         attempt, cap, dead_letter_id, retry_at = failed
-        self.leases.forget([message_id])
         counters.add("dead_lettered" if dead_letter_id else "retried", queue)
         return {"attempt": attempt, "max_attempts": cap, "dead_letter_id": dead_letter_id,
                 "retry_at": retry_at}
 
     def dead_letter(self, message_id: int, token: str, reason: str, error: dict) -> int | None:
         """Move a leased message to the dead letters; its id there, or None if not ours."""
+        self.leases.settling([message_id])
         try:
             buried = self.store.dead_letter(self, id=message_id, token=token, reason=reason, error=error)
         finally:
@@ -157,6 +163,7 @@ class Database(Connections):
         "dead_letter_id"}``, or None when the lease is no longer ours."""
         error = error_entry("Requeued", "requeued by the consumer at its last allowed delivery "
                                         "(max_attempts)")
+        self.leases.settling([message_id])
         try:
             settled = self.store.requeue(self, id=message_id, token=token, error=error,
                                          default_max_attempts=self.options.policy(queue)["max_attempts"],

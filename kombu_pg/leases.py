@@ -52,6 +52,11 @@ class LeaseKeeper:
         with self._lock:
             self._settling.update(message_ids)
 
+    def settled_not(self, message_ids) -> None:
+        """Settling them failed (the server did not answer): still held, renewals count again."""
+        with self._lock:
+            self._settling.difference_update(message_ids)
+
     def forget(self, message_ids) -> None:
         with self._lock:
             for message_id in message_ids:

@@ -262,6 +262,13 @@ class Env:
             return len(self.messages(queue))
         return len(self.messages(where="queue NOT LIKE '%.pidbox' AND queue NOT LIKE 'celeryev.%'"))
 
+    def terminate_backends(self, application_name: str) -> int:
+        """pg_terminate_backend on every session of ``application_name`` (a worker's broker
+        connections, named through the URL); how many were terminated."""
+        rows = self.db.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                             " WHERE application_name = %s AND pid <> pg_backend_pid()", (application_name,))
+        return sum(1 for (ok,) in rows if ok)
+
     def wait_count(self, queue: str | None, count: int, timeout: float = 10.0) -> None:
         """Acks may be applied asynchronously (batched): poll until the queue has ``count`` rows."""
         wait_for(lambda: self.message_count(queue) == count, timeout, interval=0.05,

@@ -63,16 +63,11 @@ def test_terminated_connections_lose_and_duplicate_nothing(make_app, procs, env,
     results = [app.sleepy.delay(f"t{i}", 0.25) for i in range(count)]
     ids = {r.id for r in results}
 
-    def terminate() -> int:
-        rows = env.db.query(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE application_name = %s AND pid <> pg_backend_pid()", (app_name,))
-        return sum(1 for (ok,) in rows if ok)
-
     for progress in (5, 20):
         env.wait_runs(progress, timeout=60, what=f"{progress} tasks to start")
         # At least one of the worker's broker connections (found by its application_name).
-        wait_for(terminate, 10, interval=0.05, what="a broker connection of the worker to terminate")
+        wait_for(lambda: env.terminate_backends(app_name), 10, interval=0.05,
+                 what="a broker connection of the worker to terminate")
 
     wait_for(lambda: {r["task_id"] for r in env.runs()} >= ids, 90, what="every task to run")
     for r in results:

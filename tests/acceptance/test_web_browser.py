@@ -24,6 +24,7 @@ import pytest
 from psycopg import sql
 
 from conftest import HOST, console_script, dead_letters, wait_for
+from test_dlq_cli import TASKS  # the flaky task: fails while its flag says broken
 
 pytest.importorskip("flask")
 pytest.importorskip("selenium")
@@ -36,20 +37,6 @@ from kombu_pg import minute_stats  # noqa: E402
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "console.png"
 TOKEN = "browser-test-token"
-
-TASKS = '''
-FLAGS = RUNS.rsplit(".", 1)[0] + ".flags"
-
-
-@app.task(bind=True)
-def flaky(self, label):
-    record(self, label)
-    with psycopg.connect(DB_URL, autocommit=True, application_name="kp_task") as conn:
-        broken = conn.execute("SELECT broken FROM " + FLAGS + " WHERE name = 'flaky'").fetchone()[0]
-    if broken:
-        raise RuntimeError(f"still broken ({label})")
-    return f"fixed {label}"
-'''
 
 
 def ensure_chromium() -> None:
