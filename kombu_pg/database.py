@@ -71,8 +71,8 @@ class Database(Connections):
         matched no queue a moment ago, and no queue was bound to the exchange since.
 
         An idle Celery worker without gossip publishes a heartbeat event every few seconds to an
-        exchange no queue is bound to unless a monitor runs; this spares the server those transactions. Only trusted
-        while this process listens: a bind NOTIFYs (see the ``bind`` statement), and the listener
+        exchange no queue is bound to unless a monitor runs; this spares the server those
+        transactions. Only trusted while this process listens: a bind NOTIFYs (see the ``bind`` statement), and the listener
         then drops every entry (:meth:`bound`), as it does when a LISTEN connection comes or
         goes. Kept at most ``idle_polling_interval`` seconds, in case a LISTEN connection died
         unnoticed."""
