@@ -101,7 +101,7 @@ class Channel(virtual.Channel):
             statement, params = "publish_direct", dict(params, queue=routing_key)
         external = atomic.current()
         if external is not None:  # inside enqueue_in(): the application's transaction
-            queues = [(queue, None) for queue in
+            queues = [(queue, None, "f") for queue in
                       self.db.store.publish(external, statement, dict(params, notify=True))]
         elif exchange and self.db.unroutable((exchange, routing_key)):
             queues = []  # as the last publish there: no queue takes it (Celery's idle heartbeats)
@@ -111,8 +111,9 @@ class Channel(virtual.Channel):
             queues = self.db.run(self.db.prepared[statement], dict(params, notify=notify), fetch=True)
             if exchange and not queues and params["unique_key"] is None:
                 self.db.note_unroutable((exchange, routing_key), epoch)
-        for queue, _ in queues:
-            counters.add("published", queue)
+        for queue, _, broadcast in queues:
+            if broadcast != "t":  # per-queue counts of every heartbeat to every worker: noise
+                counters.add("published", queue)
         if not queues and params["unique_key"] is not None:
             counters.add("duplicates_dropped", params.get("queue") or exchange)
             logger.info("kombu_pg: message with unique key %r dropped: one is already waiting or "
@@ -147,11 +148,11 @@ class Channel(virtual.Channel):
                            # Who holds the lease, for `kombu-pg task`: "<worker name>[<pid>]".
                            "holder": config.client_name(LEASE_HOLDER_BYTES)}
 
-    def claimed(self, queue: str, rows: list[tuple]) -> Claimed:
+    def claimed(self, queue: str, rows: list[tuple], counted: bool = True) -> Claimed:
         """Messages from the claim's rows (libpq text: id, token, delivery count, priority,
         payload, released, seconds since it expired, revoked). A row that cannot become a message goes
         to the dead letters: it must not stop the consumer, nor hold up the other messages of its
-        claim."""
+        claim. ``counted``: whether they count as deliveries of the queue (broadcasts do not)."""
         rows = [(int(id_), token, int(count), int(priority), payload, released == "t",
                  None if expired_for is None else float(expired_for), revoked == "t")
                 for id_, token, count, priority, payload, released, expired_for, revoked in rows]
@@ -162,7 +163,7 @@ class Channel(virtual.Channel):
                 messages.append(to_message(queue, codecs, *row))
             except Exception as exc:  # whatever the row holds
                 undecodable.append((row, exc))
-        if messages:
+        if messages and counted:
             counters.add("delivered", queue, len(messages))
         for row, error in undecodable:
             self._bury_undecodable(queue, row, error)
@@ -172,7 +173,7 @@ class Channel(virtual.Channel):
         """Messages from broadcasts received for ``queue`` (kombu_pg/broadcasts.py): no row, so
         no lease and no id (0); one that is not a valid message goes to the dead letters."""
         return self.claimed(queue, [("0", None, "1", str(priority), payload, "f", None, "f")
-                                    for priority, payload in received])
+                                    for priority, payload in received], counted=False)
 
     def _bury_undecodable(self, queue, row, exc) -> None:
         message_id, token, delivery_count, priority, payload, *_ = row

@@ -31,7 +31,7 @@ import psycopg
 
 from . import config, counters
 from .deadline import watchdog
-from .store.records import ExpiredTask, Reaped
+from .store.records import ExpiredTask, Reaped, VacuumStats
 
 if TYPE_CHECKING:
     from .connections import Connections
@@ -53,6 +53,7 @@ class Round:
     buried: list[ExpiredTask]  # expired tasks moved to the dead letters
     reaped: list[Reaped]
     to_mark_revoked: list[str]  # ids of tasks a revoke removed that are not marked REVOKED yet
+    vacuum_stats: VacuumStats | None  # the messages table's dead rows, when the vacuum asked
 
 
 class Maintenance:
@@ -164,7 +165,7 @@ class Maintenance:
                         "another one took over", self.holder, self.options.schema)
             return None
         self._reaped(done.reaped)
-        self.vacuumer.maybe_vacuum()
+        self.vacuumer.maybe_vacuum(done.vacuum_stats)
         return done
 
     def _round(self) -> Round | None:
@@ -182,7 +183,8 @@ class Maintenance:
             returned = sorted({row.queue for row in reaped if row.outcome == "returned"})
             if returned:  # nothing else tells their consumers: no NOTIFY marks a lease's end
                 store.wake_queues(conn, queues=returned, channel=options.notify_channel)
-        return Round(queues_gone, expired, buried, reaped, to_mark)
+            vacuum_stats = store.vacuum_due(conn) if self.vacuumer.due() else None
+        return Round(queues_gone, expired, buried, reaped, to_mark, vacuum_stats)
 
     def _reap(self, conn: psycopg.Connection, limit: int = 1000) -> list[Reaped]:
         """Return expired leases to their queues, or dead-letter them at the delivery cap, on

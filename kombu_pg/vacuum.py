@@ -19,6 +19,7 @@ import psycopg
 
 if TYPE_CHECKING:
     from .connections import Connections
+    from .store.records import VacuumStats
 
 logger = logging.getLogger(__name__)
 
@@ -33,21 +34,25 @@ class Vacuumer:
         self._allowed: bool | None = None  # unknown until first asked
         self._running = threading.Lock()
 
-    def maybe_vacuum(self) -> bool:
-        """Start a vacuum of the messages table if it is due and worth it; whether it did."""
+    def due(self) -> bool:
+        """Whether to look at the table's dead rows now (the housekeeping round asks, and
+        then reads them in its own transaction: no transaction of its own for an idle cluster)."""
         interval = self.db.options.vacuum_interval
         if not interval or self._allowed is False or time.monotonic() < self._next:
             return False
         self._next = time.monotonic() + interval
-        schema = self.db.options.schema
-        stats = self.db.store.vacuum_due(self.db)
-        if stats is None:  # no messages table (yet)
+        return True
+
+    def maybe_vacuum(self, stats: VacuumStats | None) -> bool:
+        """Start a vacuum of the messages table if ``stats`` (the ``vacuum_due`` statement's
+        row, None without a messages table) say it is worth it; whether it did."""
+        if stats is None:
             return False
         allowed, dead, live = stats
         self._allowed = allowed
         if not allowed:
             logger.info("kombu_pg: this role does not own %s.messages, so it may not vacuum it: "
-                        "autovacuum alone keeps it small", schema)
+                        "autovacuum alone keeps it small", self.db.options.schema)
             return False
         if dead is None or dead < max(MIN_DEAD_ROWS, (live or 0) // 5):
             return False

@@ -20,13 +20,13 @@ WITH ins AS (
     LEFT JOIN {schema}.queues q ON q.name = %(queue)s
     {on_duplicate_key}
 )
-SELECT queue, CASE WHEN %(notify)s THEN {wake} END
+SELECT queue, CASE WHEN %(notify)s THEN {wake} END, false AS broadcast
 FROM ins
 
 -- name: publish_routed
 -- Route through an exchange in the database, so that bindings made by other processes count.
--- Returns one row per queue that received the message; none means unroutable (or, with a
--- unique key, a duplicate in every queue).
+-- Returns one row per queue that received the message, and whether as a broadcast; none means
+-- unroutable (or, with a unique key, a duplicate in every queue).
 -- Short-lived broadcast queues (auto-delete, not durable, x-message-ttl of 10 s at most:
 -- Celery's gossip and event-receiver queues) are `transient`. Every worker's heartbeat goes to
 -- every worker's gossip queue, so their messages get no row when their consumer listens for
@@ -69,11 +69,11 @@ WITH targets AS (
     WHERE t.queue NOT IN (SELECT queue FROM broadcasted)
     {on_duplicate_key}
 )
-SELECT queue, CASE WHEN %(notify)s AND NOT (t.transient AND NOT t.via_notify) THEN {wake} END
+SELECT queue, CASE WHEN %(notify)s AND NOT (t.transient AND NOT t.via_notify) THEN {wake} END, false
 FROM ins
 JOIN targets t USING (queue)
 UNION ALL
-SELECT queue, NULL FROM broadcasted
+SELECT queue, NULL, true FROM broadcasted
 
 -- name: claim
 -- Lease up to `limit` deliverable messages: ready (visible_at passed) and without a live lease.

@@ -35,10 +35,10 @@ class MessageStatements(Statements):
         return [row[0] for row in self._rows(target, self.sql["publish_direct"], params)]
 
     def publish_routed(self, target: Target, message: NewMessage, *, exchange: str, routing_key: str,
-                       channel: str, notify: bool = True) -> list[str]:
+                       channel: str, broadcast_channel: str, notify: bool = True) -> list[str]:
         """Route ``message`` through ``exchange``; the queues it went to (none: unroutable)."""
         params = dict(dataclasses.asdict(message), exchange=exchange, routing_key=routing_key,
-                      channel=channel, notify=notify)
+                      channel=channel, broadcast_channel=broadcast_channel, notify=notify)
         return [row[0] for row in self._rows(target, self.sql["publish_routed"], params)]
 
     def publish(self, target: Target, statement: Literal["publish_direct", "publish_routed"],

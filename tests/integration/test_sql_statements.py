@@ -79,7 +79,7 @@ def test_hot_statements_run_through_libpq(env):
         migrate.migrate(conn, env.broker_schema)
         published = hot["publish_direct"].execute(conn, dict(
             vars(NewMessage(payload="{}", task_id="t1")), queue="q", channel="kombu_pg", notify=True))
-        assert published == [("q", "")]
+        assert published == [("q", "", "f")]  # the queue, its wake-up (void), not a broadcast
         [claimed] = hot["claim"].execute(conn, {
             "queue": "q", "limit": 5, "default_max_attempts": 3, "lease_seconds": 30, "held": [],
             "synchronous_commit": "on", "holder": "check[1]"})
