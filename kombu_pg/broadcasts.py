@@ -42,6 +42,7 @@ class Broadcasts:
         self._exchanges: dict[str, str] = {}  # channel -> exchange
         self._bindings: dict[str, list[tuple[str, re.Pattern | None]]] = {}  # queue -> (exchange, key match)
         self.inbox: dict[str, collections.deque[tuple[int, str]]] = {}  # queue -> (priority, payload)
+        self._warned = False  # about a malformed notification: once, not for every one of a flood
 
     def __bool__(self) -> bool:
         return any(self.inbox.values())
@@ -86,8 +87,10 @@ class Broadcasts:
             priority, routing_key_json, payload = note.split("\n", 2)
             routing_key = json.loads(routing_key_json)
             message = (int(priority), payload)
-        except ValueError as exc:  # not written by publish_routed: nobody's message
-            logger.warning("kombu_pg: ignored a malformed broadcast on %r (%s)", channel, exc)
+        except ValueError as exc:  # not written by publish_routed (any role may NOTIFY)
+            logger.log(logging.DEBUG if self._warned else logging.WARNING,
+                       "kombu_pg: ignored a malformed broadcast on %r (%s)", channel, exc)
+            self._warned = True
             return set()
         matched = set()
         for queue, matches in self._bindings.items():

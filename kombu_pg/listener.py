@@ -107,6 +107,8 @@ class Listener:
     def wait(self, timeout: float) -> dict[str, float]:
         """Block up to ``timeout`` seconds for notifications."""
         assert self.conn is not None, "wait() before connect()"
+        if self._caught:
+            return self.read()
         readable, _, _ = select.select([self.conn.fileno()], [], [], max(timeout, 0))
         return self.read() if readable else {}
 

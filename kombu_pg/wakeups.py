@@ -66,12 +66,13 @@ class Wakeups:
     def subscribe(self, queue: str, bindings) -> None:
         """Receive ``queue``'s messages as broadcasts (kombu_pg/broadcasts.py), if consumers
         here LISTEN: from now on if the LISTEN connection is up, else from its connect."""
-        if not self._listens():
-            return  # behind a transaction pooler: rows, claimed on a timer
+        if not self.options.broadcasts or not self._listens():
+            return  # turned off, or behind a transaction pooler: rows, claimed on a timer
         channels = self.broadcasts.subscribe(queue, bindings)
         if self.listener is not None and self.listener.conn is not None:
             self.listener.listen(channels)
             self._via_notify([queue])
+            self.read()  # what psycopg took in while the LISTEN ran
 
     def unsubscribe(self, queue: str) -> None:
         self.broadcasts.unsubscribe(queue)

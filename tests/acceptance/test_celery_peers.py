@@ -186,10 +186,12 @@ def test_a_short_lived_broadcast_queue_takes_its_messages_as_notifications(env, 
     assert of("broadcasts.other") == [{"n": "task"}]
 
 
-def test_without_listen_a_short_lived_broadcast_queue_is_claimed_on_a_timer(env, kombu_conn):
-    """Behind a transaction pooler without direct_url consumers cannot LISTEN: the queue keeps
-    rows, claimed every half of its TTL (no wake-up, which would wake every LISTEN session);
-    an acking consumer too. A longer-lived queue on the same exchange gets its wake-up."""
+@pytest.mark.parametrize("options", [{"listen": False}, {"broadcasts": False}])
+def test_without_broadcasts_a_short_lived_broadcast_queue_is_claimed_on_a_timer(env, kombu_conn, options):
+    """Behind a transaction pooler without direct_url consumers cannot LISTEN; broadcasts=False
+    keeps messages out of notifications (any role may LISTEN). Either way the queue keeps rows,
+    claimed every half of its TTL (no wake-up, which would wake every LISTEN session). A
+    longer-lived queue on the same exchange gets its wake-up."""
     import kombu
 
     exchange = kombu.Exchange("broadcasts", type="topic", durable=False)
@@ -197,7 +199,7 @@ def test_without_listen_a_short_lived_broadcast_queue_is_claimed_on_a_timer(env,
     woken = kombu.Queue("broadcasts.woken", exchange, routing_key="worker.#", auto_delete=True,
                         durable=False, message_ttl=60)
     got = []
-    consumer_conn = kombu_conn(listen=False)
+    consumer_conn = kombu_conn(**options)
     with psycopg.connect(env.url, autocommit=True) as listener, \
             kombu.Consumer(consumer_conn, [polled, woken], accept=["json"], no_ack=True,
                            callbacks=[lambda body, message: got.append(
