@@ -46,6 +46,7 @@ class Wakeups:
         self._due_unknown: set[str] = set()  # queues whose delayed messages' wake-ups we may have missed
         self.polled_queues: dict[str, float] = {}  # queue -> seconds between claims (no wake-ups)
         self.broadcasts = Broadcasts(options.schema)  # queues whose messages come as notifications
+        self._rows_too: dict[str, float] = {}  # such queues -> their claim interval while rows come
         self._hub: Any = None  # the worker's event loop, once registered
         self.next_poll = 0.0  # monotonic time of the next safety-net poll
         self._poll_interval = options.polling_interval  # the wait after that poll
@@ -76,6 +77,7 @@ class Wakeups:
 
     def unsubscribe(self, queue: str) -> None:
         self.broadcasts.unsubscribe(queue)
+        self._rows_too.pop(queue, None)
 
     def _via_notify(self, queues: list[str]) -> None:
         """Tell publishers that ``queues`` take broadcasts now (LISTEN is on): no rows, and no
@@ -83,11 +85,16 @@ class Wakeups:
         if queues:
             self.db.store.mark_via_notify(self.db, queues=queues)
             for queue in queues:
-                self.polled_queues.pop(queue, None)
+                if queue in self.polled_queues:
+                    self._rows_too[queue] = self.polled_queues.pop(queue)
 
     def after_claim(self, queue: str, messages: Claimed, limit: int) -> None:
         """A claim that came back short drained the queue: wait for a wake-up."""
         polled = self.polled_queues.get(queue)
+        if polled is None and messages.rows:
+            # Rows in a queue that takes broadcasts: from publishers of an earlier version
+            # during a rolling upgrade (no wake-up either). Claimed on its timer while they come.
+            polled = self._rows_too.get(queue)
         if polled is not None:  # no wake-ups: claimed on a timer (and no sign of activity)
             if messages.rows < limit:
                 self.ready.discard(queue)
