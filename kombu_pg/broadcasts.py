@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import re
+from time import monotonic
 from typing import Iterable
 
 from kombu.transport.virtual.exchange import TopicExchange
@@ -41,7 +42,10 @@ class Broadcasts:
         self.schema = schema
         self._exchanges: dict[str, str] = {}  # channel -> exchange
         self._bindings: dict[str, list[tuple[str, re.Pattern | None]]] = {}  # queue -> (exchange, key match)
-        self.inbox: dict[str, collections.deque[tuple[int, str]]] = {}  # queue -> (priority, payload)
+        self._ttl: dict[str, float] = {}  # queue -> seconds its messages live (x-message-ttl)
+        #: queue -> (received at, priority, payload), oldest first; what outlived the queue's TTL
+        #: undelivered is dropped, as the broker drops it (a receiver that stopped reading).
+        self.inbox: dict[str, collections.deque[tuple[float, int, str]]] = {}
         self._warned = False  # about a malformed notification: once, not for every one of a flood
 
     def __bool__(self) -> bool:
@@ -53,9 +57,9 @@ class Broadcasts:
     def channels(self) -> list[str]:
         return sorted(self._exchanges)
 
-    def subscribe(self, queue: str, bindings: Iterable[tuple[str, str, str]]) -> list[str]:
+    def subscribe(self, queue: str, bindings: Iterable[tuple[str, str, str]], ttl: float) -> list[str]:
         """Route broadcasts to ``queue`` by its ``bindings``: (exchange, routing key, exchange
-        type). Returns the channels to LISTEN on."""
+        type); its messages live ``ttl`` seconds. Returns the channels to LISTEN on."""
         matches: list[tuple[str, re.Pattern | None]] = []
         for exchange, routing_key, exchange_type in bindings:
             if exchange_type == "topic":
@@ -65,6 +69,7 @@ class Broadcasts:
             else:  # fanout
                 matches.append((exchange, None))
         self._bindings[queue] = matches
+        self._ttl[queue] = ttl
         self.inbox.setdefault(queue, collections.deque())
         channels = []
         for exchange, _ in matches:
@@ -75,6 +80,7 @@ class Broadcasts:
 
     def unsubscribe(self, queue: str) -> None:
         self._bindings.pop(queue, None)
+        self._ttl.pop(queue, None)
         self.inbox.pop(queue, None)
 
     def receive(self, channel: str, note: str) -> set[str]:
@@ -86,24 +92,33 @@ class Broadcasts:
         try:
             priority, routing_key_json, payload = note.split("\n", 2)
             routing_key = json.loads(routing_key_json)
+            if not isinstance(routing_key, str):
+                raise ValueError(f"routing key {routing_key!r} is not a string")
             message = (int(priority), payload)
         except ValueError as exc:  # not written by publish_routed (any role may NOTIFY)
             logger.log(logging.DEBUG if self._warned else logging.WARNING,
                        "kombu_pg: ignored a malformed broadcast on %r (%s)", channel, exc)
             self._warned = True
             return set()
-        matched = set()
+        matched, now = set(), monotonic()
         for queue, matches in self._bindings.items():
             if any(ex == exchange and (match is None or match.match(routing_key))
                    for ex, match in matches):
-                self.inbox[queue].append(message)
+                self.inbox[queue].append((now, *message))
+                self._drop_expired(queue, now)
                 matched.add(queue)
         return matched
 
+    def _drop_expired(self, queue: str, now: float) -> None:
+        inbox, oldest = self.inbox[queue], now - self._ttl[queue]
+        while inbox and inbox[0][0] < oldest:
+            inbox.popleft()
+
     def take(self, queue: str, limit: int | None = None) -> list[tuple[int, str]]:
         """Up to ``limit`` (all by default) received messages of ``queue``, oldest first."""
-        inbox = self.inbox.get(queue)
-        if not inbox:
+        if not self.inbox.get(queue):
             return []
+        self._drop_expired(queue, monotonic())
+        inbox = self.inbox[queue]
         count = len(inbox) if limit is None else min(limit, len(inbox))
-        return [inbox.popleft() for _ in range(count)]
+        return [inbox.popleft()[1:] for _ in range(count)]

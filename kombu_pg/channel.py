@@ -77,6 +77,7 @@ class Channel(virtual.Channel):
         self.options = connection.options
         self._no_ack_queues: set[str] = set()
         self._auto_delete_queues: set[str] = set()
+        self._message_ttl: dict[str, float] = {}  # short-lived broadcast queues: seconds
         super().__init__(connection, **kwargs)
 
     # -- publishing -------------------------------------------------------------------------
@@ -148,11 +149,11 @@ class Channel(virtual.Channel):
                            # Who holds the lease, for `kombu-pg task`: "<worker name>[<pid>]".
                            "holder": config.client_name(LEASE_HOLDER_BYTES)}
 
-    def claimed(self, queue: str, rows: list[tuple], counted: bool = True) -> Claimed:
+    def claimed(self, queue: str, rows: list[tuple]) -> Claimed:
         """Messages from the claim's rows (libpq text: id, token, delivery count, priority,
         payload, released, seconds since it expired, revoked). A row that cannot become a message goes
         to the dead letters: it must not stop the consumer, nor hold up the other messages of its
-        claim. ``counted``: whether they count as deliveries of the queue (broadcasts do not)."""
+        claim."""
         rows = [(int(id_), token, int(count), int(priority), payload, released == "t",
                  None if expired_for is None else float(expired_for), revoked == "t")
                 for id_, token, count, priority, payload, released, expired_for, revoked in rows]
@@ -163,7 +164,7 @@ class Channel(virtual.Channel):
                 messages.append(to_message(queue, codecs, *row))
             except Exception as exc:  # whatever the row holds
                 undecodable.append((row, exc))
-        if messages and counted:
+        if messages:
             counters.add("delivered", queue, len(messages))
         for row, error in undecodable:
             self._bury_undecodable(queue, row, error)
@@ -171,9 +172,16 @@ class Channel(virtual.Channel):
 
     def broadcast_messages(self, queue: str, received: list[tuple[int, str]]) -> Claimed:
         """Messages from broadcasts received for ``queue`` (kombu_pg/broadcasts.py): no row, so
-        no lease and no id (0); one that is not a valid message goes to the dead letters."""
-        return self.claimed(queue, [("0", None, "1", str(priority), payload, "f", None, "f")
-                                    for priority, payload in received], counted=False)
+        no lease and no id (0). One that is not a valid message is dropped with a warning, not
+        dead-lettered: any role that may connect can NOTIFY, and must not write dead letters."""
+        messages = Claimed(len(received))
+        for priority, payload in received:
+            try:
+                messages.append(to_message(queue, self.codecs, 0, None, 1, priority, payload, False, None, False))
+            except Exception as exc:  # whatever the notification held
+                logger.warning("kombu_pg: dropped a broadcast to queue %r that is not a valid Kombu "
+                               "message (%s: %s)", queue, type(exc).__name__, exc)
+        return messages
 
     def _bury_undecodable(self, queue, row, exc) -> None:
         message_id, token, delivery_count, priority, payload, *_ = row
@@ -217,7 +225,8 @@ class Channel(virtual.Channel):
             # as notifications once it LISTENs (kombu_pg/broadcasts.py).
             self.connection.wakeups.subscribe(queue, [
                 (binding.exchange, binding.routing_key, self.typeof(binding.exchange).type)
-                for binding in self.state.queue_bindings(queue)])
+                for binding in self.state.queue_bindings(queue)],
+                self._message_ttl.get(queue, POLLED_TTL_MS / 1000))  # declared on another channel
         self.connection.wake([queue])  # messages may be waiting already
 
     def basic_cancel(self, consumer_tag):
@@ -281,6 +290,7 @@ class Channel(virtual.Channel):
         interval = self.polled_interval(durable, auto_delete, arguments.get("x-message-ttl"))
         if interval is not None:
             self.connection.polled_queues[queue] = interval
+            self._message_ttl[queue] = float(arguments["x-message-ttl"]) / 1000
 
     def polled_interval(self, durable, auto_delete, message_ttl_ms) -> float | None:
         """How often a consumer claims a short-lived broadcast queue, which producers do not
@@ -307,6 +317,7 @@ class Channel(virtual.Channel):
         self._delete(queue)
         self.state.queue_bindings_delete(queue)
         self._auto_delete_queues.discard(queue)
+        self._message_ttl.pop(queue, None)
         self.connection.polled_queues.pop(queue, None)
         self.connection.wakeups.unsubscribe(queue)
 

@@ -64,12 +64,12 @@ class Wakeups:
         self._poll_interval = self.options.polling_interval
         self.next_poll = min(self.next_poll, monotonic() + self._poll_interval)
 
-    def subscribe(self, queue: str, bindings) -> None:
+    def subscribe(self, queue: str, bindings, ttl: float) -> None:
         """Receive ``queue``'s messages as broadcasts (kombu_pg/broadcasts.py), if consumers
         here LISTEN: from now on if the LISTEN connection is up, else from its connect."""
         if not self.options.broadcasts or not self._listens():
             return  # turned off, or behind a transaction pooler: rows, claimed on a timer
-        channels = self.broadcasts.subscribe(queue, bindings)
+        channels = self.broadcasts.subscribe(queue, bindings, ttl)
         if self.listener is not None and self.listener.conn is not None:
             self.listener.listen(channels)
             self._via_notify([queue])

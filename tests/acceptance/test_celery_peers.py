@@ -8,7 +8,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from conftest import wait_for
+from kombu_pg.broadcasts import broadcast_channel
+
+from conftest import dead_letters, wait_for
 
 #: A consumer bootstep recording, as rows of the runs table, the peers gossip saw join and leave.
 PEER_WATCH = '''
@@ -187,10 +189,21 @@ def test_a_short_lived_broadcast_queue_takes_its_messages_as_notifications(env, 
                              " WHERE queue = 'broadcasts.durable' ORDER BY id LIMIT 3").format(
                                  env.t("messages"), env.t("messages")))
         drain(consumer_conn, lambda: len(got) == 8, 45)
+        # Any role that may connect can NOTIFY: what is not a message is dropped, the consumer goes
+        # on, and nothing is written to the dead letters.
+        channel = broadcast_channel(env.broker_schema, "broadcasts")
+        for forged in ["garbage", '0\n5\n{}', '0\n"worker.x"\n{"not": "a kombu message"}']:
+            env.db.query("SELECT pg_notify(%s, %s)", (channel, forged))
+        with kombu_conn() as producer_conn:
+            producer_conn.Producer().publish({"n": "after"}, exchange=exchange, routing_key="worker.heartbeat",
+                                             serializer="json")
+        drain(consumer_conn, lambda: len(got) == 9, 20)
+        assert dead_letters(env) == []
     def of(queue):  # in the order each queue received them
         return [body for name, body in got if name == queue]
 
-    assert of("broadcasts.gossip") == [{"n": 0}, {"n": 1}, {"n": 2}, {"big": big}, {"n": 0}, {"n": 1}, {"n": 2}]
+    assert of("broadcasts.gossip") == [{"n": 0}, {"n": 1}, {"n": 2}, {"big": big}, {"n": 0}, {"n": 1}, {"n": 2},
+                                       {"n": "after"}]
     assert of("broadcasts.other") == [{"n": "task"}]
 
 
