@@ -62,8 +62,9 @@ class Listener:
         new = set(channels) - self.broadcast_channels
         self.broadcast_channels |= new
         if self.conn is not None:
-            for channel in sorted(new):
-                self.db.store.listen(self.conn, channel=channel)
+            with writable(self.conn):  # a standby refuses LISTEN: ReadOnlyServer, as at connect
+                for channel in sorted(new):
+                    self.db.store.listen(self.conn, channel=channel)
 
     def outdated(self) -> bool:
         """Connected before the pool was last replaced (after an outage or a failover)."""
