@@ -177,7 +177,8 @@ class Channel(virtual.Channel):
         messages = Claimed(len(received))
         for priority, payload in received:
             try:
-                messages.append(to_message(queue, self.codecs, 0, None, 1, priority, payload, False, None, False))
+                messages.append(to_message(queue, self.codecs, 0, None, 1, priority, payload,
+                                           released=False, expired_for=None, revoked=False))
             except Exception as exc:  # whatever the notification held
                 logger.warning("kombu_pg: dropped a broadcast to queue %r that is not a valid Kombu "
                                "message (%s: %s)", queue, type(exc).__name__, exc)

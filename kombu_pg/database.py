@@ -72,10 +72,10 @@ class Database(Connections):
 
         An idle Celery worker without gossip publishes a heartbeat event every few seconds to an
         exchange no queue is bound to unless a monitor runs; this spares the server those
-        transactions. Only trusted while this process listens: a bind NOTIFYs (see the ``bind`` statement), and the listener
-        then drops every entry (:meth:`bound`), as it does when a LISTEN connection comes or
-        goes. Kept at most ``idle_polling_interval`` seconds, in case a LISTEN connection died
-        unnoticed."""
+        transactions. Only trusted while this process listens: a bind NOTIFYs (see the ``bind``
+        statement), and the listener then drops every entry (:meth:`bound`), as it does when a
+        LISTEN connection comes or goes. Kept at most ``idle_polling_interval`` seconds, in
+        case a LISTEN connection died unnoticed."""
         entry = self._unroutable.get(destination)
         return (entry is not None and self._listeners > 0 and entry[0] == self._routing_epoch
                 and time.monotonic() < entry[1])
